@@ -1,0 +1,70 @@
+"""Shared CLI pieces: input-spec options, progress display, JSON printing."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import click
+
+from edgekit.errors import EdgekitError
+from edgekit.verify import TensorSpec, parse_input_spec
+
+
+def input_specs(values: tuple[str, ...]) -> list[TensorSpec]:
+    return [parse_input_spec(v) for v in values]
+
+
+input_option = click.option(
+    "--input", "inputs", multiple=True, metavar="NAME:1x3x224x224[:DTYPE]",
+    help="Input name and static shape (repeatable); dtype defaults to float32.")
+tolerance_options = [
+    click.option("--atol", type=float, default=1e-4, show_default=True,
+                 help="Absolute tolerance of the numerical check."),
+    click.option("--rtol", type=float, default=1e-4, show_default=True,
+                 help="Tolerance relative to the largest reference value."),
+]
+
+
+def with_tolerances(fn):
+    for opt in reversed(tolerance_options):
+        fn = opt(fn)
+    return fn
+
+
+@contextlib.contextmanager
+def progress(enabled: bool = True) -> Iterator[Callable[[str], None]]:
+    """A status line on a terminal (stderr); silent when not interactive or disabled."""
+    if not (enabled and sys.stderr.isatty()):
+        yield lambda _msg: None
+        return
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    with console.status("starting") as status:
+        yield lambda msg: status.update(msg)
+
+
+def print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def parse_named_arrays(values: tuple[str, ...]) -> dict:
+    """``name=path.npy`` pairs -> arrays (loaded without pickle)."""
+    import numpy as np
+
+    out = {}
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep or not name or not path:
+            raise click.BadParameter(f"{v!r}: expected NAME=FILE.npy", param_hint="--input")
+        try:
+            out[name] = np.load(path, allow_pickle=False)
+        except FileNotFoundError:
+            raise EdgekitError(f"input file not found: {path}") from None
+        except (ValueError, OSError) as exc:
+            raise EdgekitError(f"cannot read {path} as a .npy array: {exc}") from None
+    return out

@@ -1,0 +1,142 @@
+"""``edgekit graphs | targets | export | compile``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from edgekit.cli._common import (
+    input_option,
+    input_specs,
+    print_json,
+    progress,
+    with_tolerances,
+)
+
+
+@click.command("graphs")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def graphs_cmd(as_json: bool) -> None:
+    """List the built-in reference models.
+
+    \b
+    Example:
+      edgekit graphs
+    """
+    from edgekit import graphs
+
+    items = graphs.available()
+    if as_json:
+        print_json([{"name": g.name, "summary": g.summary, "default": g.name == graphs.DEFAULT,
+                     "inputs": [{"name": n, "shape": list(s), "dtype": d} for n, s, d in g.inputs]}
+                    for g in items.values()])
+        return
+    for g in items.values():
+        shapes = ", ".join(f"{n}:{'x'.join(map(str, s))}:{d}" for n, s, d in g.inputs)
+        mark = " (default)" if g.name == graphs.DEFAULT else ""
+        click.echo(f"{g.name}{mark}\n    {g.summary}\n    inputs: {shapes}")
+
+
+@click.command("targets")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def targets_cmd(as_json: bool) -> None:
+    """List the built-in targets (targets/*.toml).
+
+    \b
+    Example:
+      edgekit targets --json
+    """
+    from edgekit.targets import list_targets
+
+    items = list_targets()
+    if as_json:
+        print_json([{**t.to_dict(), "runs_on_host": t.runs_on_host} for t in items])
+        return
+    width = max(len(t.name) for t in items)
+    for t in items:
+        where = "runs here" if t.runs_on_host else "cross/remote"
+        click.echo(f"{t.name:<{width}}  {t.device:<4}  {where:<12}  {t.description}")
+
+
+@click.command("export")
+@click.argument("model")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Where to write the ONNX file.")
+@input_option
+@click.option("--weights", type=click.Path(dir_okay=False, path_type=Path),
+              help="State dict for a file.py:factory model (loaded with weights_only=True).")
+@with_tolerances
+@click.option("--json", "as_json", is_flag=True, help="Print the check as JSON.")
+def export_cmd(model: str, output: Path, inputs: tuple[str, ...], weights: Path | None,
+               atol: float, rtol: float, as_json: bool) -> None:
+    """Export MODEL to a checked, single-file ONNX model.
+
+    MODEL is a built-in graph name (see `edgekit graphs`), path/to/file.py:factory, or an
+    .onnx file (checked and copied). onnxruntime and torch run on the same seeded inputs;
+    if they differ beyond tolerance, nothing is written and the exit code is 1.
+
+    \b
+    Example:
+      edgekit export mobile-cnn -o cnn.onnx
+      edgekit export net.py:make_model --weights ckpt.pt --input x:1x3x224x224 -o net.onnx
+    """
+    from edgekit import api
+
+    with progress() as step:
+        result = api.export(model, output, input_specs(inputs), weights, atol, rtol, step)
+    if as_json:
+        print_json({"output": str(output), "inputs": [s.to_dict() for s in result.specs],
+                    "check": [c.to_dict() for c in result.comparisons]})
+        return
+    for c in result.comparisons:
+        click.echo(f"  {c.name}: max abs error {c.max_abs:.3g}, relative {c.rel:.3g}")
+    click.echo(f"wrote {output}")
+
+
+@click.command("compile")
+@click.argument("onnx_file", type=click.Path(path_type=Path))
+@click.option("-t", "--target", default="host", show_default=True,
+              help="Target name (edgekit targets), a .toml file, or inline JSON.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="Artifact directory to write (NAME.edgekit).")
+@click.option("--passes", default="", help="Rewrite passes to apply first, e.g. fold-bn,"
+              "ln-to-rmsnorm (see edgekit passes).")
+@click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path),
+              help=".npz of inputs for pass checks and calibration.")
+@input_option
+@with_tolerances
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def compile_cmd(onnx_file: Path, target: str, output: Path, passes: str,
+                calibration: Path | None, inputs: tuple[str, ...], atol: float, rtol: float,
+                as_json: bool) -> None:
+    """Compile an ONNX model with TVM for a target into an artifact directory.
+
+    On targets that run on this machine the compiled library is checked against
+    onnxruntime; if it differs beyond tolerance, nothing is written.
+
+    \b
+    Example:
+      edgekit compile cnn.onnx --target host -o cnn.edgekit
+      edgekit compile cnn.onnx --target rpi4 -o cnn-rpi4.edgekit --passes fold-bn
+    """
+    from edgekit import api
+
+    calib = api.load_calibration(calibration) if calibration else None
+    with progress() as step:
+        result = api.compile(onnx_file, target, output, passes, input_specs(inputs), calib,
+                             atol, rtol, progress=step)
+    if as_json:
+        print_json(result.manifest)
+        return
+    check = result.manifest["verification"]
+    for c in check.get("outputs", []):
+        click.echo(f"  {c['name']}: max abs error vs onnxruntime {c['max_abs']:.3g}")
+    if "skipped" in check:
+        click.echo(f"  not verified: {check['skipped']}")
+    for run in result.manifest["passes"]:
+        click.echo(f"  pass {run['pass']}: {run['status']}")
+    click.echo(f"wrote {result.path}")
+
+
+COMMANDS = (graphs_cmd, targets_cmd, export_cmd, compile_cmd)

@@ -1,0 +1,90 @@
+"""``edgekit passes | rewrite``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from edgekit.cli._common import input_option, input_specs, print_json, progress
+
+
+@click.command("passes")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def passes_cmd(as_json: bool) -> None:
+    """List the rewrite passes, exact or approximate, with their parameters.
+
+    \b
+    Example:
+      edgekit passes
+    """
+    from edgekit.passes import available
+
+    items = available().values()
+    if as_json:
+        print_json([{"name": p.name, "summary": p.summary, "exact": p.exact,
+                     "budget": None if p.exact else p.budget, "params": dict(p.params)}
+                    for p in items])
+        return
+    for p in items:
+        kind = "exact" if p.exact else f"approximate (budget {p.budget:g})"
+        params = ", ".join(f"{k}={v}" for k, v in p.params.items())
+        click.echo(f"{p.name:<22} {kind:<28} {p.summary}" + (f" [{params}]" if params else ""))
+
+
+def _print_ledger(ledger: list[dict], explain: bool) -> None:
+    for run in ledger:
+        changed = ", ".join(f"{k}×{v}" for k, v in run["changed"].items()) or "no change"
+        err = "" if run["max_rel_error"] is None else f", max rel error {run['max_rel_error']:.2g}"
+        click.echo(f"{run['pass']}: {run['status']} ({changed}{err})")
+        if run["message"]:
+            click.echo(f"    {run['message']}")
+        skipped = run["skipped"]
+        if skipped and not explain:
+            click.echo(f"    {len(skipped)} candidate(s) skipped; --explain shows why")
+        if explain:
+            for s in skipped:
+                click.echo(f"    skipped {s['node']}: {s['reason']}")
+
+
+@click.command("rewrite")
+@click.argument("onnx_file", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option("--passes", required=True, help="Comma-separated passes, e.g. fold-bn,"
+              "poly-softmax:degree=64 (see edgekit passes).")
+@click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path),
+              help=".npz of model inputs (optionally with a leading sample axis).")
+@input_option
+@click.option("--explain", is_flag=True, help="Print every skipped candidate with its reason.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report and ledger as JSON.")
+def rewrite_cmd(onnx_file: Path, output: Path, passes: str, calibration: Path | None,
+                inputs: tuple[str, ...], explain: bool, as_json: bool) -> None:
+    """Apply rewrite passes to an ONNX model, each checked with onnxruntime.
+
+    A pass whose result differs from its input beyond its budget (1e-5 relative for exact
+    passes) is rolled back and reported.
+
+    \b
+    Example:
+      edgekit rewrite gpt.onnx -o gpt-rms.onnx --passes ln-to-rmsnorm --explain
+    """
+    from edgekit import api, intake
+    from edgekit.export import save_onnx
+    from edgekit.passes.core import op_counts
+
+    model = intake.load_onnx(onnx_file, input_specs(inputs))
+    calib = api.load_calibration(calibration) if calibration else None
+    with progress(not as_json) as step:
+        result = api.rewrite(model, passes, input_specs(inputs), calib, step)
+    save_onnx(result.model, output)
+    ledger = result.ledger_dicts()
+    if as_json:
+        print_json({"input": str(onnx_file), "output": str(output),
+                    "ops_before": op_counts(model), "ops_after": op_counts(result.model),
+                    "ledger": ledger})
+        return
+    _print_ledger(ledger, explain)
+    click.echo(f"wrote {output}")
+
+
+COMMANDS = (passes_cmd, rewrite_cmd)

@@ -1,0 +1,164 @@
+"""``edgekit run | profile | demo``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from edgekit.cli._common import parse_named_arrays, print_json, progress
+from edgekit.errors import EdgekitError
+
+_STATS = ("min", "mean", "median", "p90", "p95", "p99", "max", "std", "cv")
+
+
+@click.command("run")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--input", "inputs", multiple=True, metavar="NAME=FILE.npy", required=True,
+              help="An input array (repeatable).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Where to write the outputs (.npz).")
+def run_cmd(artifact: Path, inputs: tuple[str, ...], output: Path) -> None:
+    """Run an artifact once on inputs from .npy files; write the outputs to an .npz.
+
+    \b
+    Example:
+      edgekit run cnn.edgekit --input image=x.npy -o out.npz
+    """
+    import numpy as np
+
+    from edgekit import api
+
+    outputs = api.run(artifact, parse_named_arrays(inputs))
+    tmp = output.with_name(f".{output.name}.tmp.npz")
+    try:
+        np.savez(tmp, **outputs)
+        tmp.replace(output)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise EdgekitError(f"cannot write {output}: {exc.strerror or exc}") from None
+    for name, arr in outputs.items():
+        click.echo(f"  {name}: {arr.dtype} {tuple(arr.shape)}")
+    click.echo(f"wrote {output}")
+
+
+def _profile_options(fn):
+    opts = [
+        click.option("--warmup", type=click.IntRange(0), default=10, show_default=True,
+                     help="Untimed calls before timing."),
+        click.option("--repeat", type=click.IntRange(1), default=100, show_default=True,
+                     help="Timed calls (ignored with --duration)."),
+        click.option("--duration", type=click.FloatRange(0, min_open=True),
+                     help="Time calls for this many seconds instead of --repeat."),
+        click.option("--threads", type=click.IntRange(1),
+                     help="Threads for every engine (default: all CPUs)."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _table(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    engines = [("edgekit (TVM)", result["latency_ms"])]
+    engines += list(result.get("baselines", {}).items())
+    table = Table(title=f"latency in ms: {result['threads']} threads, "
+                        f"{result['iterations']} timed calls")
+    table.add_column("statistic")
+    for name, _ in engines:
+        table.add_column(name, justify="right")
+    for s in _STATS:
+        table.add_row(s, *(f"{lat[s]:.1%}" if s == "cv" else f"{lat[s]:.3f}"
+                           for _, lat in engines))
+    median = result["latency_ms"]["median"]
+    table.add_row("edgekit ÷ engine (median)", "1.00",
+                  *(f"{median / lat['median']:.2f}" for _, lat in engines[1:]))
+    console = Console()
+    console.print(table)
+    console.print(f"load {result['load_ms']:.1f} ms, first run {result['first_run_ms']:.2f} ms")
+    for note in result.get("notes", []):
+        console.print(note)
+
+
+def _engines(compare: str) -> list[str]:
+    return [e.strip() for e in compare.split(",") if e.strip()]
+
+
+@click.command("profile")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@_profile_options
+@click.option("--compare", default="", metavar="ort,torch",
+              help="Also time onnxruntime and/or torch (same inputs, threads and process).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def profile_cmd(artifact: Path, warmup: int, repeat: int, duration: float | None,
+                threads: int | None, compare: str, as_json: bool) -> None:
+    """Measure an artifact's latency on this machine.
+
+    Prints min/mean/median/p90/p95/p99/max/std/CV and the first-run latency apart;
+    --compare adds onnxruntime (ort) and torch (when the source model is known).
+
+    \b
+    Example:
+      edgekit profile cnn.edgekit --compare ort,torch --repeat 200
+    """
+    from edgekit import api
+
+    with progress(not as_json) as step:
+        step("profiling")
+        result = api.profile(artifact, warmup=warmup, repeat=repeat, duration=duration,
+                             compare=_engines(compare), threads=threads)
+    if as_json:
+        print_json(result)
+    else:
+        _table(result)
+
+
+@click.command("demo")
+@click.option("--model", default=None, help="Built-in graph (default: the demo default).")
+@click.option("-t", "--target", default="host", show_default=True, help="Target to compile for.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("edgekit-demo"), show_default=True, help="Output directory.")
+@_profile_options
+def demo_cmd(model: str | None, target: str, out: Path, warmup: int, repeat: int,
+             duration: float | None, threads: int | None) -> None:
+    """Export -> compile -> verify -> profile the default built-in model, end to end.
+
+    Writes OUT/MODEL.onnx, OUT/MODEL.edgekit and OUT/report.json, and prints the latency
+    table with ratios to onnxruntime and torch.
+
+    \b
+    Example:
+      edgekit demo
+    """
+    from edgekit import api, graphs
+
+    name = model or graphs.DEFAULT
+    onnx_path = out / f"{name}.onnx"
+    art = out / f"{name}.edgekit"
+    with progress() as step:
+        click.echo(f"[1/3] export {name} -> {onnx_path}", err=True)
+        exported = api.export(name, onnx_path, progress=step)
+        click.echo(f"[2/3] compile for {target} -> {art} (verified against onnxruntime)",
+                   err=True)
+        compiled = api.compile(onnx_path, target, art, source=exported.source.to_dict(),
+                               progress=step)
+        click.echo("[3/3] profile against onnxruntime and torch", err=True)
+        step("profiling")
+        result = api.profile(art, warmup=warmup, repeat=repeat, duration=duration,
+                             compare=["ort", "torch"], threads=threads)
+    report = {
+        "model": name,
+        "export_check": [c.to_dict() for c in exported.comparisons],
+        "compile_check": compiled.manifest["verification"],
+        "profile": result,
+    }
+    report_path = out / "report.json"
+    report_path.write_text(json.dumps(report, indent=2) + "\n")
+    _table(result)
+    click.echo(f"report: {report_path}")
+
+
+COMMANDS = (run_cmd, profile_cmd, demo_cmd)

@@ -1,0 +1,187 @@
+"""MODEL specs -> a torch module or an ONNX model, with static input specs.
+
+A MODEL is one of:
+- a built-in graph name (``edgekit graphs`` lists them);
+- ``path/to/file.py:factory``: ``factory()`` returns an ``nn.Module``; ``--weights`` loads a
+  state dict with ``torch.load(weights_only=True)``; inputs come from ``--input`` or the
+  file's ``INPUTS`` list;
+- ``path/to/model.onnx``: checked with ``onnx.checker`` and strict shape inference.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from edgekit.errors import EdgekitError
+from edgekit.verify import TensorSpec, onnx_input_specs
+
+
+@dataclass
+class Source:
+    """Where a model came from, enough to rebuild the torch reference later."""
+
+    kind: str  # "graph" | "python" | "onnx"
+    spec: str
+    weights: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "spec": self.spec, "weights": self.weights, **self.details}
+
+
+@dataclass
+class TorchModel:
+    module: Any
+    specs: list[TensorSpec]
+    source: Source
+
+
+_SOURCE_KEY = "edgekit.source"
+
+
+def set_source(model: onnx.ModelProto, source: Source) -> None:
+    """Record in the ONNX metadata which torch model it came from (for torch baselines)."""
+    import json
+
+    onnx.helper.set_model_props(model, {_SOURCE_KEY: json.dumps(source.to_dict())})
+
+
+def get_source(model: onnx.ModelProto) -> dict[str, Any] | None:
+    import json
+
+    for prop in model.metadata_props:
+        if prop.key == _SOURCE_KEY:
+            try:
+                data = json.loads(prop.value)
+            except json.JSONDecodeError:
+                return None
+            return data if isinstance(data, dict) and "kind" in data else None
+    return None
+
+
+def is_onnx_spec(spec: str) -> bool:
+    return spec.lower().endswith(".onnx")
+
+
+def load_onnx(path: str | Path, overrides: Sequence[TensorSpec] = ()) -> onnx.ModelProto:
+    """Load and check an ONNX file; one-line errors for missing, garbage or invalid files."""
+    path = Path(path)
+    if not path.is_file():
+        raise EdgekitError(f"ONNX file not found: {path}")
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # protobuf DecodeError, truncated files, bad external data
+        raise EdgekitError(f"{path} is not a readable ONNX model: {_first_line(exc)}") from None
+    if not model.graph.node and not model.graph.output:
+        raise EdgekitError(f"{path} is not a readable ONNX model: it has an empty graph")
+    try:
+        onnx.checker.check_model(model)
+        model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    except Exception as exc:
+        raise EdgekitError(f"{path} fails the ONNX checker: {_first_line(exc)}") from None
+    onnx_input_specs(model, overrides)  # surfaces dynamic dims and unknown --input names early
+    return model
+
+
+def load_torch(spec: str, overrides: Sequence[TensorSpec] = (),
+               weights: str | Path | None = None) -> TorchModel:
+    """Resolve a built-in graph name or ``file.py:factory`` to an eval-mode module."""
+    from edgekit import graphs
+
+    builtin = graphs.available()
+    if spec in builtin:
+        g = builtin[spec]
+        module = g.build()
+        defaults = [TensorSpec(n, tuple(s), d) for n, s, d in g.inputs]
+        source = Source("graph", spec)
+    elif ":" in spec and spec.rsplit(":", 1)[0].endswith(".py"):
+        file, factory = spec.rsplit(":", 1)
+        module, defaults = _call_factory(Path(file), factory)
+        source = Source("python", f"{Path(file).resolve()}:{factory}")
+    else:
+        names = ", ".join(builtin)
+        raise EdgekitError(f"unknown model {spec!r}: give a built-in graph ({names}), "
+                           "path/to/file.py:factory, or a .onnx file")
+    if weights is not None:
+        _load_weights(module, Path(weights))
+        source.weights = str(Path(weights).resolve())
+    specs = _merge_specs(defaults, overrides, spec)
+    return TorchModel(module.eval(), specs, source)
+
+
+def _call_factory(file: Path, factory: str):
+    import torch
+
+    if not file.is_file():
+        raise EdgekitError(f"Python file not found: {file}")
+    name = f"_edgekit_user_{abs(hash(file.resolve()))}"
+    mod_spec = importlib.util.spec_from_file_location(name, file)
+    if mod_spec is None or mod_spec.loader is None:
+        raise EdgekitError(f"cannot import {file}")
+    module = importlib.util.module_from_spec(mod_spec)
+    sys.modules[name] = module
+    try:
+        mod_spec.loader.exec_module(module)
+    except Exception as exc:
+        raise EdgekitError(f"importing {file} failed: {type(exc).__name__}: "
+                           f"{_first_line(exc)}") from exc
+    fn = getattr(module, factory, None)
+    if not callable(fn):
+        raise EdgekitError(f"{file} has no function {factory!r}")
+    try:
+        model = fn()
+    except Exception as exc:
+        raise EdgekitError(f"{file}:{factory}() failed: {type(exc).__name__}: "
+                           f"{_first_line(exc)}") from exc
+    if not isinstance(model, torch.nn.Module):
+        raise EdgekitError(f"{file}:{factory}() returned {type(model).__name__}, "
+                           "not a torch.nn.Module")
+    inputs = getattr(module, "INPUTS", ())
+    return model, [TensorSpec(n, tuple(s), str(d)) for n, s, d in inputs]
+
+
+def _load_weights(module, path: Path) -> None:
+    import torch
+
+    if not path.is_file():
+        raise EdgekitError(f"weights file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise EdgekitError(f"cannot load weights from {path}: {_first_line(exc)}") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise EdgekitError(f"{path} does not hold a state dict")
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())
+        raise EdgekitError(f"weights in {path} do not fit the model: {detail[:300]}") from None
+
+
+def _merge_specs(defaults: list[TensorSpec], overrides: Sequence[TensorSpec], spec: str):
+    if not overrides:
+        if not defaults:
+            raise EdgekitError(f"{spec}: give the input shapes with --input name:1x3x224x224")
+        return defaults
+    if not defaults:
+        return list(overrides)
+    by_name = {o.name: o for o in overrides}
+    unknown = set(by_name) - {d.name for d in defaults}
+    if unknown:
+        names = ", ".join(d.name for d in defaults)
+        raise EdgekitError(f"unknown input {sorted(unknown)[0]!r}: the model's inputs are {names}")
+    return [by_name.get(d.name, d) for d in defaults]
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+    return lines[0].strip() if lines else type(exc).__name__

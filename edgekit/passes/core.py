@@ -1,0 +1,268 @@
+"""The rewrite layer: the Pass record, its report, and the checked pipeline runner.
+
+A pass is one module exposing ``PASS = Pass(...)``. Its ``apply(model, ctx, **params)``
+edits an ``onnx_ir.Model`` in place and returns a ``PassReport``: counts per rule of what
+changed and, for every candidate it left alone, the node name and the reason. A pass that
+cannot apply at all raises ``PassRefused``.
+
+``run_pipeline`` runs a plain list of passes. After each pass it checks the new graph
+against the previous one in onnxruntime on seeded inputs (and the user's calibration
+samples): exact passes must stay within ``EXACT_RTOL`` norm-wise relative error, approximate
+passes within their declared ``budget``. A pass that fails its check is rolled back. Every
+run, kept or not, becomes one ledger entry.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
+
+from edgekit.errors import EdgekitError
+from edgekit.verify import TensorSpec, compare, onnx_input_specs, run_ort, seeded_inputs
+
+EXACT_RTOL = 1e-5
+
+
+class PassRefused(Exception):
+    """The pass does not apply to this model; ``node`` names where it found out why."""
+
+    def __init__(self, reason: str, node: str = ""):
+        super().__init__(reason)
+        self.reason = reason
+        self.node = node
+
+
+@dataclass
+class PassReport:
+    """What one pass did: ``changed`` counts per rule, ``skipped`` (node, reason) pairs."""
+
+    changed: Counter = field(default_factory=Counter)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def change(self, rule: str, count: int = 1) -> None:
+        self.changed[rule] += count
+
+    def skip(self, node: str, reason: str) -> None:
+        self.skipped.append((node, reason))
+
+    @property
+    def modified(self) -> bool:
+        return sum(self.changed.values()) > 0
+
+
+@dataclass
+class PassContext:
+    """What a pass may look at besides the graph: the samples the check will use."""
+
+    samples: list[dict[str, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class Pass:
+    """A rewrite: its name, one-line summary, exactness, defaults and entry point."""
+
+    name: str
+    summary: str
+    exact: bool
+    apply: Callable[..., PassReport]
+    params: Mapping[str, Any] = field(default_factory=dict)
+    budget: float = EXACT_RTOL  # max norm-wise relative error its check allows
+
+    def parse_params(self, given: Mapping[str, str]) -> dict[str, Any]:
+        """Defaults overridden by ``given`` strings, converted to each default's type."""
+        unknown = set(given) - set(self.params)
+        if unknown:
+            known = ", ".join(self.params) or "none"
+            raise EdgekitError(
+                f"pass {self.name!r} has no parameter {sorted(unknown)[0]!r} (parameters: {known})")
+        out = dict(self.params)
+        for key, text in given.items():
+            default = self.params[key]
+            try:
+                if isinstance(default, bool):
+                    if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                        raise ValueError(text)
+                    out[key] = text.lower() in ("1", "true", "yes")
+                elif isinstance(default, (int, float)):
+                    out[key] = type(default)(text)
+                else:
+                    out[key] = text
+            except ValueError:
+                raise EdgekitError(
+                    f"pass {self.name!r}: parameter {key}={text!r} is not a "
+                    f"{type(default).__name__}") from None
+        return out
+
+
+@dataclass
+class PassRun:
+    """One ledger entry: a pass run, its check and whether it was kept."""
+
+    name: str
+    params: dict[str, Any]
+    exact: bool
+    status: str  # applied | unchanged | refused | rolled-back
+    report: PassReport
+    ops_before: dict[str, int]
+    ops_after: dict[str, int]
+    max_abs: float | None = None
+    max_rel: float | None = None
+    budget: float | None = None
+    seconds: float = 0.0
+    message: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "pass": self.name,
+            "params": self.params,
+            "exact": self.exact,
+            "status": self.status,
+            "changed": dict(self.report.changed),
+            "skipped": [{"node": n, "reason": r} for n, r in self.report.skipped],
+            "details": self.report.details,
+            "ops_before": self.ops_before,
+            "ops_after": self.ops_after,
+            "max_abs_error": self.max_abs,
+            "max_rel_error": self.max_rel,
+            "budget": self.budget,
+            "seconds": round(self.seconds, 4),
+            "message": self.message,
+        }
+
+
+def op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    return dict(sorted(Counter(n.op_type for n in model.graph.node).items()))
+
+
+def parse_pass_list(text: str, available: Mapping[str, Pass]) -> list[tuple[Pass, dict]]:
+    """``"fold-bn,poly-softmax:degree=64:iters=3"`` -> [(Pass, params), ...]."""
+    result = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        name, *assignments = item.split(":")
+        if name not in available:
+            names = ", ".join(available)
+            raise EdgekitError(f"unknown pass {name!r} (available: {names})")
+        given = {}
+        for a in assignments:
+            key, sep, value = a.partition("=")
+            if not sep or not key:
+                raise EdgekitError(f"bad pass parameter {a!r} in {item!r}: expected key=value")
+            given[key] = value
+        p = available[name]
+        result.append((p, p.parse_params(given)))
+    return result
+
+
+def load_samples(
+    model: onnx.ModelProto,
+    input_specs: Sequence[TensorSpec] = (),
+    calibration: Mapping[str, np.ndarray] | None = None,
+    seeds: int = 2,
+) -> list[dict[str, np.ndarray]]:
+    """Seeded samples plus calibration samples (arrays with an optional leading sample axis)."""
+    specs = onnx_input_specs(model, input_specs)
+    samples = [seeded_inputs(specs, seed) for seed in range(seeds)]
+    if calibration:
+        missing = [s.name for s in specs if s.name not in calibration]
+        if missing:
+            raise EdgekitError(f"calibration data has no array for input {missing[0]!r}")
+        counts = set()
+        for s in specs:
+            arr = calibration[s.name]
+            if arr.ndim == len(s.shape) + 1:
+                counts.add(arr.shape[0])
+            elif arr.ndim != len(s.shape):
+                raise EdgekitError(
+                    f"calibration array {s.name!r} has shape {arr.shape}; expected {s.shape} "
+                    "or (samples, *shape)")
+        n = counts.pop() if len(counts) == 1 else 1
+        if counts:
+            raise EdgekitError("calibration arrays disagree on the number of samples")
+        for i in range(n):
+            sample = {}
+            for s in specs:
+                arr = np.asarray(calibration[s.name])
+                sample[s.name] = (arr[i] if arr.ndim == len(s.shape) + 1 else arr).astype(s.dtype)
+            samples.append(sample)
+    return samples
+
+
+def _check(
+    before: onnx.ModelProto, after: onnx.ModelProto, samples: list[dict[str, np.ndarray]]
+) -> tuple[float, float]:
+    """Worst max-abs and norm-wise relative error of ``after`` against ``before``."""
+    names = [o.name for o in before.graph.output]
+    worst_abs = worst_rel = 0.0
+    for sample in samples:
+        ref = run_ort(before, sample)
+        out = run_ort(after, sample)
+        if len(out) != len(ref):
+            return float("inf"), float("inf")
+        for c in compare(names, out, ref, atol=0.0, rtol=0.0):
+            worst_abs = max(worst_abs, c.max_abs)
+            worst_rel = max(worst_rel, c.rel)
+    return worst_abs, worst_rel
+
+
+def run_pass(
+    model: onnx.ModelProto, p: Pass, params: Mapping[str, Any], samples: list[dict]
+) -> tuple[onnx.ModelProto, PassRun]:
+    """Run one pass on a copy of ``model``, check it, and keep it only if the check passes."""
+    start = time.perf_counter()
+    work = ir.from_proto(model)
+    before_ops = op_counts(model)
+    try:
+        report = p.apply(work, PassContext(samples), **params)
+    except PassRefused as refusal:
+        report = PassReport()
+        report.skip(refusal.node or "(model)", refusal.reason)
+        run = PassRun(p.name, dict(params), p.exact, "refused", report, before_ops, before_ops,
+                      seconds=time.perf_counter() - start, message=refusal.reason)
+        return model, run
+    if not report.modified:
+        run = PassRun(p.name, dict(params), p.exact, "unchanged", report, before_ops, before_ops,
+                      seconds=time.perf_counter() - start)
+        return model, run
+    RemoveUnusedNodesPass()(work)
+    TopologicalSortPass()(work)
+    new = ir.to_proto(work)
+    budget = EXACT_RTOL if p.exact else p.budget
+    try:
+        onnx.checker.check_model(new, full_check=True)
+        max_abs, max_rel = _check(model, new, samples)
+        problem = "" if max_rel <= budget else (
+            f"error {max_rel:.3g} relative (max abs {max_abs:.3g}) exceeds the budget {budget:g}")
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError,
+            EdgekitError) as exc:
+        max_abs = max_rel = float("inf")
+        problem = f"the rewritten graph is invalid: {str(exc).splitlines()[0]}"
+    seconds = time.perf_counter() - start
+    if problem:
+        run = PassRun(p.name, dict(params), p.exact, "rolled-back", report, before_ops,
+                      before_ops, max_abs, max_rel, budget, seconds, problem)
+        return model, run
+    run = PassRun(p.name, dict(params), p.exact, "applied", report, before_ops, op_counts(new),
+                  max_abs, max_rel, budget, seconds)
+    return new, run
+
+
+def run_pipeline(
+    model: onnx.ModelProto,
+    passes: Sequence[tuple[Pass, Mapping[str, Any]]],
+    samples: list[dict[str, np.ndarray]],
+) -> tuple[onnx.ModelProto, list[PassRun]]:
+    """Run passes in order; each is checked against the model before it."""
+    ledger = []
+    for p, params in passes:
+        model, run = run_pass(model, p, params, samples)
+        ledger.append(run)
+    return model, ledger

@@ -1,0 +1,186 @@
+"""One place for "is it still right?": seeded inputs, onnxruntime runs, error metrics.
+
+Error metric, used everywhere in edgekit: for each output, ``max_abs = max|y - ref|`` and
+``rel = max_abs / max|ref|`` (norm-wise relative error, robust to near-zero elements).
+An output passes when ``max_abs <= atol + rtol * max|ref|``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx
+
+from edgekit.errors import EdgekitError
+
+_ONNX_TO_NUMPY = {
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.DOUBLE: "float64",
+    onnx.TensorProto.FLOAT16: "float16",
+    onnx.TensorProto.INT64: "int64",
+    onnx.TensorProto.INT32: "int32",
+    onnx.TensorProto.INT8: "int8",
+    onnx.TensorProto.UINT8: "uint8",
+    onnx.TensorProto.BOOL: "bool",
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, static shape and numpy dtype name of one model input or output."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """How far one output is from its reference."""
+
+    name: str
+    max_abs: float
+    rel: float
+    ok: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_input_spec(text: str) -> TensorSpec:
+    """Parse ``name:1x3x224x224[:dtype]`` (the one input-shape syntax of edgekit)."""
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or not parts[0]:
+        raise EdgekitError(f"bad input spec {text!r}: expected name:1x3x224x224[:dtype]")
+    try:
+        shape = tuple(int(d) for d in parts[1].lower().split("x")) if parts[1] else ()
+    except ValueError:
+        raise EdgekitError(f"bad input spec {text!r}: dimensions must be integers") from None
+    if any(d <= 0 for d in shape):
+        raise EdgekitError(f"bad input spec {text!r}: dimensions must be positive")
+    dtype = parts[2] if len(parts) == 3 else "float32"
+    try:
+        np.dtype(dtype)
+    except TypeError:
+        raise EdgekitError(f"bad input spec {text!r}: unknown dtype {dtype!r}") from None
+    return TensorSpec(parts[0], shape, str(np.dtype(dtype)))
+
+
+def _value_spec(value: onnx.ValueInfoProto, override: TensorSpec | None) -> TensorSpec:
+    ttype = value.type.tensor_type
+    dtype = _ONNX_TO_NUMPY.get(ttype.elem_type)
+    if dtype is None:
+        raise EdgekitError(f"input {value.name!r}: unsupported element type {ttype.elem_type}")
+    if override is not None:
+        return TensorSpec(value.name, override.shape, override.dtype)
+    dims = []
+    for d in ttype.shape.dim:
+        if d.HasField("dim_value") and d.dim_value > 0:
+            dims.append(d.dim_value)
+        else:
+            raise EdgekitError(
+                f"input {value.name!r} has a dynamic dimension {d.dim_param or '?'}: "
+                f"give its shape with --input {value.name}:1x...")
+    return TensorSpec(value.name, tuple(dims), dtype)
+
+
+def onnx_input_specs(
+    model: onnx.ModelProto, overrides: Sequence[TensorSpec] = ()
+) -> list[TensorSpec]:
+    """Static input specs of an ONNX model (graph inputs that are not initializers)."""
+    inits = {i.name for i in model.graph.initializer}
+    values = [v for v in model.graph.input if v.name not in inits]
+    by_name = {o.name: o for o in overrides}
+    unknown = set(by_name) - {v.name for v in values}
+    if unknown:
+        names = ", ".join(v.name for v in values)
+        raise EdgekitError(f"unknown input {sorted(unknown)[0]!r}: the model's inputs are {names}")
+    return [_value_spec(v, by_name.get(v.name)) for v in values]
+
+
+def seeded_inputs(specs: Sequence[TensorSpec], seed: int = 0) -> dict[str, np.ndarray]:
+    """Reproducible inputs: floats ~ N(0, 1); integers small and non-negative (ids, masks)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for s in specs:
+        dt = np.dtype(s.dtype)
+        if dt.kind == "f":
+            out[s.name] = rng.standard_normal(s.shape).astype(dt)
+        elif dt.kind == "b":
+            out[s.name] = np.ones(s.shape, dtype=dt)
+        else:
+            out[s.name] = rng.integers(0, 2, size=s.shape).astype(dt)
+    return out
+
+
+def compare(
+    names: Sequence[str],
+    outputs: Sequence[np.ndarray],
+    references: Sequence[np.ndarray],
+    atol: float,
+    rtol: float,
+) -> list[Comparison]:
+    """Compare outputs with references, one ``Comparison`` per output."""
+    result = []
+    for name, y, ref in zip(names, outputs, references, strict=True):
+        y = np.asarray(y)
+        ref = np.asarray(ref)
+        if y.shape != ref.shape:
+            result.append(Comparison(name, math.inf, math.inf, False))
+            continue
+        if y.dtype.kind in "fc" or ref.dtype.kind in "fc":
+            diff = np.abs(y.astype(np.float64) - ref.astype(np.float64))
+            scale = float(np.max(np.abs(ref))) if ref.size else 0.0
+        else:
+            diff = (y != ref).astype(np.float64)
+            scale = 1.0
+        max_abs = float(np.nanmax(diff)) if diff.size else 0.0
+        if np.isnan(diff).any():
+            max_abs = math.inf
+        rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
+        result.append(Comparison(name, max_abs, rel, max_abs <= atol + rtol * scale))
+    return result
+
+
+def describe_failures(comparisons: Sequence[Comparison]) -> str:
+    """One line naming the outputs that differ and by how much."""
+    bad = [c for c in comparisons if not c.ok]
+    return "; ".join(f"{c.name}: max abs {c.max_abs:.3g}, rel {c.rel:.3g}" for c in bad)
+
+
+def ort_session(model: onnx.ModelProto | bytes | str, threads: int | None = None):
+    """An onnxruntime CPU session (``threads`` intra-op threads, default: ORT's choice)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    try:
+        return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises several unrelated types for bad graphs
+        raise EdgekitError(f"onnxruntime cannot load the model: {_first_line(exc)}") from exc
+
+
+def run_ort(
+    model: onnx.ModelProto | bytes | str, inputs: Mapping[str, np.ndarray]
+) -> list[np.ndarray]:
+    """Run a model once in onnxruntime and return its outputs in graph order."""
+    sess = ort_session(model)
+    try:
+        return sess.run(None, dict(inputs))
+    except Exception as exc:
+        raise EdgekitError(f"onnxruntime failed to run the model: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -1,0 +1,1 @@
+"""Target descriptions (TOML data files), shipped as package data."""
