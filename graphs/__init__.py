@@ -16,6 +16,10 @@ DEFAULT = "mobile-cnn"
 
 _MODULES = (
     "mobile_cnn",
+    "repvgg_cnn",
+    "slab_vit",
+    "tiny_gpt",
+    "tiny_vit",
 )
 
 
