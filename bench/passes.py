@@ -41,7 +41,8 @@ def transformers_model(name: str):
 
     torch.manual_seed(0)
     if name == "gpt2-4l":
-        cfg = tf.GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=1024, n_positions=128)
+        cfg = tf.GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=1024, n_positions=128,
+                            use_cache=False, bos_token_id=0, eos_token_id=0)
         model = tf.GPT2Model(cfg)
         specs = [TensorSpec("input_ids", (1, 64), "int64")]
     elif name == "vit-4l":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import warnings
 from collections.abc import Sequence
 
@@ -64,9 +65,14 @@ def export_module(module, specs: Sequence[TensorSpec], optimize: bool = True) ->
             )
             model = program.model_proto
     except Exception as exc:
-        msg = str(exc).strip().splitlines()
+        # the exporter's message is multi-line with ANSI colours; the root cause is the
+        # innermost exception's first line
+        cause = exc
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        msg = re.sub(r"\x1b\[[0-9;]*m", "", str(cause)).strip().splitlines()
         raise EdgekitError(
-            f"torch.onnx export failed: {msg[0] if msg else type(exc).__name__}") from exc
+            f"torch.onnx export failed: {msg[0] if msg else type(cause).__name__}") from exc
     if model.ByteSize() >= _TWO_GB:
         raise EdgekitError("the exported model is over 2 GB; edgekit writes single-file ONNX only")
     model.producer_name = "edgekit"

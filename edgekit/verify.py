@@ -170,11 +170,9 @@ def ort_session(model: onnx.ModelProto | bytes | str, threads: int | None = None
         raise EdgekitError(f"onnxruntime cannot load the model: {_first_line(exc)}") from exc
 
 
-def run_ort(
-    model: onnx.ModelProto | bytes | str, inputs: Mapping[str, np.ndarray]
-) -> list[np.ndarray]:
-    """Run a model once in onnxruntime and return its outputs in graph order."""
-    sess = ort_session(model)
+def run_ort(model, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """Run a model (or an open ``ort_session``) once; outputs in graph order."""
+    sess = model if hasattr(model, "run") else ort_session(model)
     try:
         return sess.run(None, dict(inputs))
     except Exception as exc:
