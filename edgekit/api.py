@@ -76,6 +76,24 @@ def export(
     return result
 
 
+def export_streaming(
+    spec: str,
+    out: str | Path | None = None,
+    chunk: int = 1,
+    inputs: Sequence[TensorSpec] = (),
+    weights: str | Path | None = None,
+    atol: float = DEFAULT_ATOL,
+    rtol: float = DEFAULT_RTOL,
+    progress: Progress = _quiet,
+):
+    """Export the step form of a streamable model: ``chunk`` frames in, named state in and
+    out. Checked against the torch step module and, stepped through a sequence, against the
+    parallel model; see ``edgekit.streaming.export``."""
+    from edgekit.streaming.export import export_step
+
+    return export_step(spec, out, chunk, inputs, weights, atol, rtol, progress)
+
+
 @dataclass
 class RewriteResult:
     model: onnx.ModelProto
@@ -134,17 +152,25 @@ def compile(  # noqa: A001 - the verb users expect
     rtol: float = DEFAULT_RTOL,
     source: Mapping[str, Any] | None = None,
     progress: Progress = _quiet,
+    tune: bool = False,
+    trials: int | None = None,
+    tune_minutes: float | None = None,
+    tuning_db: str | Path | None = None,
 ) -> CompileResult:
     """Compile an ONNX file for ``target`` into an artifact directory ``out``.
 
     For targets that run on this machine the compiled library is run against onnxruntime on
-    seeded inputs; if any output differs beyond tolerance nothing is written."""
+    seeded inputs; if any output differs beyond tolerance nothing is written.
+    CPU targets: ``tune`` runs MetaSchedule first (``trials`` / ``tune_minutes`` budget);
+    records in the tuning database (``tuning_db``, default per target under the user's
+    cache) are applied whether or not this call tunes (see ``edgekit.tune``)."""
     from edgekit import artifact, runtime
     from edgekit import compile as tvm_compile
     from edgekit.targets import load_target
 
     tgt = load_target(target)
     model = intake.load_onnx(onnx_path, inputs)
+    streaming = _streaming_manifest(model)  # step graphs from `export --streaming`
     specs = verify.onnx_input_specs(model, inputs)
     source_hash = runtime.sha256_file(Path(onnx_path))
     ledger: list[dict[str, Any]] = []
@@ -155,7 +181,13 @@ def compile(  # noqa: A001 - the verb users expect
     progress("importing into TVM Relax")
     mod = tvm_compile.to_relax(model, specs)
     progress(f"compiling for {tgt.name}")
-    executable = tvm_compile.build(mod, tgt)
+    from edgekit.tune import TuningRequest
+
+    tuning: dict[str, Any] = {}
+    executable = tvm_compile.build(
+        mod, tgt, TuningRequest(
+            tune or trials is not None or tune_minutes is not None, trials, tune_minutes,
+            tuning_db), progress, tuning)
     out = Path(out)
     outputs = _output_specs(model)
     with artifact.staging(out) as tmp:
@@ -182,9 +214,19 @@ def compile(  # noqa: A001 - the verb users expect
                        "onnx_sha256": source_hash},
             "verification": check,
             "passes": ledger,
-            "tuning": None,
+            "tuning": tuning or None,
+            **streaming,
         })
     return CompileResult(out, manifest)
+
+
+def _streaming_manifest(model: onnx.ModelProto) -> dict[str, Any]:
+    """``{"streaming": {...}}`` (state names, shapes, initial values, delay) for a step graph
+    written by ``export_streaming``; ``{}`` for ordinary models."""
+    from edgekit.streaming.export import read_metadata
+
+    data = read_metadata(model)
+    return {} if data is None else {"streaming": data}
 
 
 def _output_specs(model: onnx.ModelProto) -> list[TensorSpec]:
@@ -232,12 +274,48 @@ def run(artifact_path: str | Path, inputs: Mapping[str, np.ndarray]) -> dict[str
         raise EdgekitError(str(exc)) from None
 
 
-def profile(artifact_path: str | Path, **kwargs: Any) -> dict[str, Any]:
-    """See ``edgekit.profile.profile_artifact``."""
+def run_stream(artifact_path: str | Path,
+               inputs: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
+    """Feed a sequence frame by frame (chunk by chunk) through a step artifact.
+
+    Returns ``({output name: per-frame outputs}, delay)``, aligned with the input: frame
+    ``i`` of the output belongs to frame ``i`` of the input. A model that looks ``delay``
+    frames ahead cannot produce its last ``delay`` frames, so they are absent."""
+    from edgekit import runtime
+
+    try:
+        session = runtime.load(artifact_path).stream()
+        name = session.frame_spec["name"]
+        if set(inputs) != {name}:
+            raise EdgekitError(f"a step artifact streams one input, {name!r}; got "
+                               f"{', '.join(sorted(inputs)) or 'none'}")
+        y = session.run(inputs[name])
+    except (runtime.ArtifactError, ValueError) as exc:
+        raise EdgekitError(str(exc)) from None
+    axis, delay = session.time_axis, session.delay
+    aligned = np.take(y, range(delay, y.shape[axis]), axis=axis)
+    return {session.model.manifest["streaming"]["frame_output"]: aligned}, delay
+
+
+def profile(artifact_path: str | Path, runner: str | None = None, tracker: str | None = None,
+            key: str | None = None, **kwargs: Any) -> dict[str, Any]:
+    """See ``edgekit.profile.profile_artifact``; ``runner`` ("native", "qemu") or ``tracker``
+    + ``key`` profile on a device instead (``edgekit.devices.profile_on_device``)."""
     from edgekit import runtime
     from edgekit.profile import profile_artifact
 
+    if runner or tracker or key:
+        from edgekit.devices import profile_on_device
+
+        return profile_on_device(artifact_path, runner, tracker, key, **kwargs)
     try:
-        return profile_artifact(artifact_path, **kwargs)
+        result = profile_artifact(artifact_path, **kwargs)
+        if "streaming" in runtime.read_manifest(artifact_path, check_hashes=False):
+            from edgekit.streaming.profiling import profile_stream
+
+            keep = ("warmup", "repeat", "duration", "seed")  # threads: set by profile_artifact
+            result["stream"] = profile_stream(
+                artifact_path, **{k: v for k, v in kwargs.items() if k in keep})
+        return result
     except runtime.ArtifactError as exc:
         raise EdgekitError(str(exc)) from None

@@ -64,10 +64,18 @@ def to_relax(model: onnx.ModelProto, specs: Sequence[TensorSpec]):
         raise EdgekitError(f"TVM's ONNX import failed: {_first_line(exc)}") from exc
 
 
-def build(mod, target: Target):
-    """Compile a Relax module for ``target`` (no tuning) and return the executable."""
+def build(mod, target: Target, tuning=None, progress=None, info: dict | None = None):
+    """Compile a Relax module for ``target`` and return the executable. On CPU targets the
+    kernels are scheduled first (``edgekit.tune.prepare``: tuning when ``tuning.tune``,
+    records from the tuning database, default schedules); ``info`` receives that record."""
     import tvm
 
+    if target.device == "cpu":
+        from edgekit import tune
+
+        mod, record = tune.prepare(mod, target, tuning, progress or (lambda _msg: None))
+        if info is not None:
+            info.update(record)
     try:
         return tvm.compile(mod, target=target.tvm_target())
     except Exception as exc:
@@ -88,6 +96,10 @@ def export_library(executable, target: Target, path: Path) -> None:
     except Exception as exc:
         raise EdgekitError(f"linking the library for {target.name!r} failed: "
                            f"{_first_line(exc)}") from exc
+    if target.device == "cuda":  # PTX beside the library: the GPU machine needs no nvcc
+        from edgekit.devices.cuda import write_ptx
+
+        write_ptx(executable, target, path.parent)
 
 
 def _first_line(exc: BaseException) -> str:

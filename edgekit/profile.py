@@ -96,14 +96,16 @@ def profile_artifact(
     path: str | Path,
     warmup: int = 10,
     repeat: int = 100,
-    duration: float | None = None,
+    duration: float | str | None = None,
     compare: Sequence[str] = (),
     threads: int | None = None,
     seed: int = 0,
 ) -> dict:
-    """Measure an artifact (and baselines); returns the JSON-ready result."""
+    """Measure an artifact (and baselines); returns the JSON-ready result, in the schema of
+    ``edgekit.report.schema`` (``duration="auto"``: until the median's CI is tight)."""
     from edgekit import runtime
     from edgekit.artifact import ONNX_FILE
+    from edgekit.report.record import finalize, measure
     from edgekit.verify import TensorSpec, seeded_inputs
 
     unknown = set(compare) - set(ENGINES)
@@ -128,7 +130,8 @@ def profile_artifact(
         "load_ms": load_ms,
         "first_run_ms": first_ms,
     }
-    times = time_calls(call, warmup, repeat, duration)
+    times, steady = measure(call, warmup, repeat, duration)
+    all_times, all_steady = {"edgekit": times}, {"edgekit": steady}
     result["iterations"] = len(times)
     result["latency_ms"] = stats(times)
     notes = []
@@ -142,10 +145,11 @@ def profile_artifact(
                 notes.append(f"torch baseline skipped: {why}")
                 continue
         fn()
-        baselines[engine] = stats(time_calls(fn, warmup, repeat, duration))
+        all_times[engine], all_steady[engine] = measure(fn, warmup, repeat, duration)
+        baselines[engine] = stats(all_times[engine])
     if baselines:
         result["baselines"] = baselines
         result["ratios"] = {k: result["latency_ms"]["median"] / v["median"]
                             for k, v in baselines.items()}
     result["notes"] = notes
-    return result
+    return finalize(result, all_times, all_steady, model.manifest, warmup)

@@ -77,6 +77,14 @@ class CompiledModel:
             raise ArtifactError(
                 f"artifact was built for {target.get('name')!r} ({target.get('machine')}); "
                 f"this machine is {machine}: run it on the device")
+        if target.get("device") == "cuda":
+            if not tvm.cuda().exist:
+                raise ArtifactError(f"artifact was built for {target.get('name')!r} (a CUDA "
+                                    "GPU); this machine has no CUDA GPU or driver: run it on "
+                                    "the device")
+            from edgekit.devices.cuda import register_ptx
+
+            register_ptx(self.path, manifest)  # load the artifact's PTX, not nvcc's output
         self.device = tvm.cuda() if target.get("device") == "cuda" else tvm.cpu()
         lib = tvm.runtime.load_module(str(self.path / LIBRARY))
         self._vm = relax.VirtualMachine(lib, self.device)
@@ -134,6 +142,89 @@ class CompiledModel:
 
         def call() -> None:
             main(*tensors)
+            device.sync()
+
+        return call
+
+    def stream(self) -> StreamSession:
+        """A stateful session for a step artifact (raises ArtifactError otherwise)."""
+        return StreamSession(self)
+
+
+class StreamSession:
+    """Frame-by-frame execution of a step artifact (``edgekit export --streaming``).
+
+    The manifest's ``streaming`` section names the frame input/output and every state tensor
+    with its shape, dtype and initial value. The session keeps the states on the device
+    between calls, feeding each call's state outputs to the next call; ``reset()`` starts a
+    new stream. Output ``t`` belongs to input frame ``t - delay`` (``delay`` > 0 only when the
+    model looks ahead)."""
+
+    def __init__(self, model: CompiledModel):
+        spec = model.manifest.get("streaming")
+        if not spec:
+            raise ArtifactError(f"{model.path} is not a step artifact (export the model with "
+                                "`edgekit export MODEL --streaming`)")
+        self.model = model
+        self.chunk, self.delay = int(spec["chunk"]), int(spec["delay"])
+        self.time_axis = int(spec.get("time_axis", 1))
+        self.states: list[dict] = spec["states"]
+        ins = [spec["frame_input"], *(s["input"] for s in self.states)]
+        outs = [spec["frame_output"], *(s["output"] for s in self.states)]
+        if [i["name"] for i in model.inputs] != ins or [o["name"] for o in model.outputs] != outs:
+            raise ArtifactError(f"{model.path}: the manifest's streaming section does not match "
+                                "the model's inputs and outputs")
+        self.frame_spec = model.inputs[0]
+        self.reset()
+
+    def reset(self) -> None:
+        """Back to the initial state (a new stream)."""
+        self._state = self.model._to_device(
+            [np.full(s["shape"], s["init"], dtype=s["dtype"]) for s in self.states])
+        self.frames = 0
+
+    @property
+    def state(self) -> dict[str, np.ndarray]:
+        """A copy of the current state, by state input name."""
+        return {s["input"]: t.numpy() for s, t in zip(self.states, self._state, strict=True)}
+
+    def _frame(self, frame: Any):
+        a = np.asarray(frame)
+        spec = self.frame_spec
+        if tuple(a.shape) != tuple(spec["shape"]) or a.dtype != np.dtype(spec["dtype"]):
+            raise ValueError(f"frame {spec['name']!r}: expected {tuple(spec['shape'])} "
+                             f"{spec['dtype']}, got {tuple(a.shape)} {a.dtype}")
+        return self.model._to_device([np.ascontiguousarray(a)])[0]
+
+    def _advance(self, frame) -> Any:
+        flat = list(self.model._main(frame, *self._state))
+        self._state = flat[1:]
+        self.frames += self.chunk
+        return flat[0]
+
+    def step(self, frame: Any) -> np.ndarray:
+        """Feed the next chunk of frames; returns the output for it."""
+        return self._advance(self._frame(frame)).numpy()
+
+    def run(self, sequence: Any) -> np.ndarray:
+        """Feed a whole sequence (time on ``time_axis``) chunk by chunk, continuing from the
+        current state; returns every step's output concatenated along time."""
+        seq = np.asarray(sequence)
+        steps = seq.shape[self.time_axis] if seq.ndim > self.time_axis else 0
+        if steps == 0 or steps % self.chunk:
+            raise ValueError(f"sequence of shape {seq.shape}: expected a positive multiple of "
+                             f"{self.chunk} frame(s) on axis {self.time_axis}")
+        outs = [self.step(np.take(seq, range(i, i + self.chunk), axis=self.time_axis))
+                for i in range(0, steps, self.chunk)]
+        return np.concatenate(outs, axis=self.time_axis)
+
+    def prepare(self, frame: Any) -> Callable[[], None]:
+        """A zero-argument callable that advances the stream by one staged chunk and waits
+        for the device (what the profiler times: per-frame latency with state carried)."""
+        staged, device = self._frame(frame), self.model.device
+
+        def call() -> None:
+            self._advance(staged)
             device.sync()
 
         return call

@@ -18,8 +18,12 @@ _MODULES = (
     "mobile_cnn",
     "repvgg_cnn",
     "slab_vit",
+    "lmu",
+    "lmuformer",
+    "spiking_lmuformer",
     "tiny_gpt",
     "tiny_vit",
+    "digits_vit",
 )
 
 

@@ -11,7 +11,15 @@ import sys
 import click
 
 from edgekit import __version__
-from edgekit.cli import commands, passes_cmd, run_cmd
+from edgekit.cli import (
+    commands,
+    devices_cmd,
+    he_cmd,
+    passes_cmd,
+    report_cmd,
+    run_cmd,
+    tune_cmd,
+)
 from edgekit.errors import EdgekitError
 
 
@@ -57,7 +65,9 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.ensure_object(dict)["debug"] = debug
 
 
-for command in (*commands.COMMANDS, *passes_cmd.COMMANDS, *run_cmd.COMMANDS):
+for command in (*commands.COMMANDS, *passes_cmd.COMMANDS, *run_cmd.COMMANDS,
+                *report_cmd.COMMANDS, *devices_cmd.COMMANDS, *he_cmd.COMMANDS,
+                *tune_cmd.COMMANDS):
     cli.add_command(command)
 
 

@@ -13,6 +13,7 @@ from edgekit.cli._common import (
     progress,
     with_tolerances,
 )
+from edgekit.cli.tune_cmd import with_tuning
 
 
 @click.command("graphs")
@@ -66,10 +67,15 @@ def targets_cmd(as_json: bool) -> None:
 @input_option
 @click.option("--weights", type=click.Path(dir_okay=False, path_type=Path),
               help="State dict for a file.py:factory model (loaded with weights_only=True).")
+@click.option("--streaming", is_flag=True,
+              help="Export the step form of a streamable model: CHUNK frames in, its state as "
+                   "named inputs/outputs (checked against the parallel model).")
+@click.option("--chunk", type=click.IntRange(1), default=1, show_default=True,
+              help="Frames per step with --streaming.")
 @with_tolerances
 @click.option("--json", "as_json", is_flag=True, help="Print the check as JSON.")
 def export_cmd(model: str, output: Path, inputs: tuple[str, ...], weights: Path | None,
-               atol: float, rtol: float, as_json: bool) -> None:
+               streaming: bool, chunk: int, atol: float, rtol: float, as_json: bool) -> None:
     """Export MODEL to a checked, single-file ONNX model.
 
     MODEL is a built-in graph name (see `edgekit graphs`), path/to/file.py:factory, or an
@@ -80,9 +86,16 @@ def export_cmd(model: str, output: Path, inputs: tuple[str, ...], weights: Path 
     Example:
       edgekit export mobile-cnn -o cnn.onnx
       edgekit export net.py:make_model --weights ckpt.pt --input x:1x3x224x224 -o net.onnx
+      edgekit export lmuformer --streaming -o step.onnx
     """
     from edgekit import api
 
+    if streaming:
+        with progress() as step:
+            res = api.export_streaming(model, output, chunk, input_specs(inputs), weights, atol,
+                                       rtol, step)
+        _print_streaming(res.form.metadata(), res.checks, output, as_json)
+        return
     with progress() as step:
         result = api.export(model, output, input_specs(inputs), weights, atol, rtol, step)
     if as_json:
@@ -91,6 +104,24 @@ def export_cmd(model: str, output: Path, inputs: tuple[str, ...], weights: Path 
         return
     for c in result.comparisons:
         click.echo(f"  {c.name}: max abs error {c.max_abs:.3g}, relative {c.rel:.3g}")
+    click.echo(f"wrote {output}")
+
+
+def _print_streaming(meta: dict, checks: dict, output: Path, as_json: bool) -> None:
+    if as_json:
+        print_json({"output": str(output), "streaming": meta, "checks": checks})
+        return
+    for st in meta["states"]:
+        shape = "x".join(map(str, st["shape"]))
+        click.echo(f"  state {st['input']}: {shape} {st['dtype']}, starts at {st['init']:g}")
+    seq = checks["sequence"]
+    click.echo(f"  {meta['chunk']} frame(s) per step, delay {meta['delay']} frame(s); stepping "
+               f"{seq['frames']} frames vs parallel: max abs {seq['max_abs']:.3g}, "
+               f"rel {seq['rel']:.3g}, top-1 agreement {seq['top1_agreement']:.1%}")
+    if "spikes" in checks:
+        sp = checks["spikes"]
+        click.echo(f"  spikes: {sp['flips']} of {sp['decisions']} decisions flipped "
+                   f"({sp['flip_rate']:.2e})")
     click.echo(f"wrote {output}")
 
 
@@ -106,10 +137,12 @@ def export_cmd(model: str, output: Path, inputs: tuple[str, ...], weights: Path 
               help=".npz of inputs for pass checks and calibration.")
 @input_option
 @with_tolerances
+@with_tuning
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def compile_cmd(onnx_file: Path, target: str, output: Path, passes: str,
                 calibration: Path | None, inputs: tuple[str, ...], atol: float, rtol: float,
-                as_json: bool) -> None:
+                tune: bool, trials: int | None, tune_minutes: float | None,
+                tuning_db: Path | None, as_json: bool) -> None:
     """Compile an ONNX model with TVM for a target into an artifact directory.
 
     On targets that run on this machine the compiled library is checked against
@@ -119,13 +152,15 @@ def compile_cmd(onnx_file: Path, target: str, output: Path, passes: str,
     Example:
       edgekit compile cnn.onnx --target host -o cnn.edgekit
       edgekit compile cnn.onnx --target rpi4 -o cnn-rpi4.edgekit --passes fold-bn
+      edgekit compile cnn.onnx --target host -o cnn.edgekit --tune --trials 200
     """
     from edgekit import api
 
     calib = api.load_calibration(calibration) if calibration else None
     with progress() as step:
         result = api.compile(onnx_file, target, output, passes, input_specs(inputs), calib,
-                             atol, rtol, progress=step)
+                             atol, rtol, progress=step, tune=tune, trials=trials,
+                             tune_minutes=tune_minutes, tuning_db=tuning_db)
     if as_json:
         print_json(result.manifest)
         return
@@ -136,6 +171,12 @@ def compile_cmd(onnx_file: Path, target: str, output: Path, passes: str,
         click.echo(f"  not verified: {check['skipped']}")
     for run in result.manifest["passes"]:
         click.echo(f"  pass {run['pass']}: {run['status']}")
+    tuning = result.manifest.get("tuning") or {}
+    if tuning:
+        click.echo(f"  kernels: {tuning['records_applied']} from tuning records, "
+                   f"{tuning['default_schedules']} default schedules, of {tuning['kernels']}"
+                   + (f" (tuned: {tuning['trials']} trials, {tuning['seconds']:.0f} s)"
+                      if tuning.get("tuned") else ""))
     click.echo(f"wrote {result.path}")
 
 

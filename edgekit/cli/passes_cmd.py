@@ -37,6 +37,9 @@ def _print_ledger(ledger: list[dict], explain: bool) -> None:
         changed = ", ".join(f"{k}×{v}" for k, v in run["changed"].items()) or "no change"
         err = "" if run["max_rel_error"] is None else f", max rel error {run['max_rel_error']:.2g}"
         click.echo(f"{run['pass']}: {run['status']} ({changed}{err})")
+        before, after = run.get("flops_before"), run.get("flops_after")
+        if before and after is not None and after != before:
+            click.echo(f"    FLOPs {before:,} -> {after:,} ({after / before:.1%})")
         if run["message"]:
             click.echo(f"    {run['message']}")
         skipped = run["skipped"]
@@ -68,7 +71,7 @@ def rewrite_cmd(onnx_file: Path, output: Path, passes: str, calibration: Path | 
     Example:
       edgekit rewrite gpt.onnx -o gpt-rms.onnx --passes ln-to-rmsnorm --explain
     """
-    from edgekit import api, intake
+    from edgekit import api, flops, intake
     from edgekit.export import save_onnx
     from edgekit.passes.core import op_counts
 
@@ -81,6 +84,8 @@ def rewrite_cmd(onnx_file: Path, output: Path, passes: str, calibration: Path | 
     if as_json:
         print_json({"input": str(onnx_file), "output": str(output),
                     "ops_before": op_counts(model), "ops_after": op_counts(result.model),
+                    "flops_before": flops.try_count(model),
+                    "flops_after": flops.try_count(result.model),
                     "ledger": ledger})
         return
     _print_ledger(ledger, explain)

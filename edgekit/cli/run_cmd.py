@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from edgekit.cli._common import parse_named_arrays, print_json, progress
+from edgekit.cli.report_cmd import DURATION, Gate, gate_options
 from edgekit.errors import EdgekitError
 
 _STATS = ("min", "mean", "median", "p90", "p95", "p99", "max", "std", "cv")
@@ -19,18 +20,31 @@ _STATS = ("min", "mean", "median", "p90", "p95", "p99", "max", "std", "cv")
               help="An input array (repeatable).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Where to write the outputs (.npz).")
-def run_cmd(artifact: Path, inputs: tuple[str, ...], output: Path) -> None:
+@click.option("--stream", is_flag=True,
+              help="Step artifact: feed the sequence frame by frame, keeping the state; write "
+                   "every frame's output.")
+def run_cmd(artifact: Path, inputs: tuple[str, ...], output: Path, stream: bool) -> None:
     """Run an artifact once on inputs from .npy files; write the outputs to an .npz.
+
+    With --stream, ARTIFACT is a step artifact (edgekit export --streaming) and the input is
+    a whole sequence (batch, time, ...): it is fed chunk by chunk and the output holds one
+    frame per input frame (minus the model's lookahead delay, if any).
 
     \b
     Example:
       edgekit run cnn.edgekit --input image=x.npy -o out.npz
+      edgekit run step.edgekit --stream --input x=seq.npy -o out.npz
     """
     import numpy as np
 
     from edgekit import api
 
-    outputs = api.run(artifact, parse_named_arrays(inputs))
+    if stream:
+        outputs, delay = api.run_stream(artifact, parse_named_arrays(inputs))
+        if delay:
+            click.echo(f"  delay {delay} frame(s): the last {delay} frame(s) need future input")
+    else:
+        outputs = api.run(artifact, parse_named_arrays(inputs))
     tmp = output.with_name(f".{output.name}.tmp.npz")
     try:
         np.savez(tmp, **outputs)
@@ -49,8 +63,9 @@ def _profile_options(fn):
                      help="Untimed calls before timing."),
         click.option("--repeat", type=click.IntRange(1), default=100, show_default=True,
                      help="Timed calls (ignored with --duration)."),
-        click.option("--duration", type=click.FloatRange(0, min_open=True),
-                     help="Time calls for this many seconds instead of --repeat."),
+        click.option("--duration", type=DURATION,
+                     help="Time calls for this many seconds instead of --repeat; 'auto': "
+                          "until the median's 95% CI is within ±1% (cap 10 s, auto:CAP)."),
         click.option("--threads", type=click.IntRange(1),
                      help="Threads for every engine (default: all CPUs)."),
     ]
@@ -81,6 +96,12 @@ def _table(result: dict) -> None:
     console.print(f"load {result['load_ms']:.1f} ms, first run {result['first_run_ms']:.2f} ms")
     for note in result.get("notes", []):
         console.print(note)
+    if "stream" in result:  # step artifacts: the streaming loop, state carried between calls
+        st = result["stream"]
+        console.print(f"streaming: {st['per_frame_ms']['median']:.3f} ms per frame (median; "
+                      f"{st['chunk']} frame(s) per call, {st['state_bytes']} bytes of state)")
+    for warning in result.get("warnings", []):
+        console.print(f"warning: {warning}", style="yellow")
 
 
 def _engines(compare: str) -> list[str]:
@@ -93,9 +114,19 @@ def _engines(compare: str) -> list[str]:
 @click.option("--compare", default="", metavar="ort,torch",
               help="Also time onnxruntime and/or torch (same inputs, threads and process).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def profile_cmd(artifact: Path, warmup: int, repeat: int, duration: float | None,
-                threads: int | None, compare: str, as_json: bool) -> None:
-    """Measure an artifact's latency on this machine.
+@click.option("--runner", type=click.Choice(["native", "qemu"]),
+              help="Time it with edgekit-runner (C++), here or under qemu-user (aarch64).")
+@click.option("--tracker", metavar="HOST:PORT", help="Profile on a device of an RPC tracker.")
+@click.option("--key", help="Device key on --tracker (see `edgekit devices`).")
+@click.option("--per-op", "per_op", is_flag=True,
+              help="Also time every kernel and VM builtin and map kernels to ONNX nodes.")
+@gate_options
+def profile_cmd(artifact: Path, warmup: int, repeat: int, duration: float | str | None,
+                threads: int | None, compare: str, as_json: bool, save: Path | None,
+                asserts: tuple[str, ...], baseline: Path | None,
+                max_regress: str | None, runner: str | None, tracker: str | None,
+                key: str | None, per_op: bool) -> None:
+    """Measure an artifact's latency on this machine (or a device: --runner, --tracker).
 
     Prints min/mean/median/p90/p95/p99/max/std/CV and the first-run latency apart;
     --compare adds onnxruntime (ort) and torch (when the source model is known).
@@ -103,17 +134,37 @@ def profile_cmd(artifact: Path, warmup: int, repeat: int, duration: float | None
     \b
     Example:
       edgekit profile cnn.edgekit --compare ort,torch --repeat 200
+      edgekit profile cnn.edgekit --duration auto --save run.json --assert "p99<20ms"
+      edgekit profile cnn.edgekit --baseline run.json --max-regress 5%
+      edgekit profile cnn-rpi4.edgekit --runner qemu
+      edgekit profile cnn.edgekit --per-op
+      edgekit profile cnn-rpi4.edgekit --tracker 127.0.0.1:9190 --key rpi4
     """
     from edgekit import api
 
+    gate = Gate(save, asserts, baseline, max_regress)
+    gate.check_inputs()
     with progress(not as_json) as step:
         step("profiling")
         result = api.profile(artifact, warmup=warmup, repeat=repeat, duration=duration,
-                             compare=_engines(compare), threads=threads)
+                             compare=_engines(compare), threads=threads, runner=runner,
+                             tracker=tracker, key=key)
+        if per_op:
+            from edgekit import per_op as per_op_mod
+
+            if runner or tracker:
+                raise EdgekitError("--per-op times kernels in this process; it cannot be "
+                                   "combined with --runner or --tracker")
+            step("per-op profiling")
+            result.update(per_op_mod.profile_artifact_per_op(artifact, threads, min(warmup, 5),
+                                                             min(repeat, 50)))
     if as_json:
         print_json(result)
     else:
         _table(result)
+        if per_op:
+            per_op_mod.print_table(result)
+    gate.finish(result, quiet=as_json)
 
 
 @click.command("demo")

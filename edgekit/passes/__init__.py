@@ -8,7 +8,13 @@ from edgekit.passes import (
     fold_repbn,
     ln_to_rmsnorm,
     merge_repvgg,
+    poly_act,
+    poly_gelu,
+    poly_layernorm,
+    poly_softmax,
+    power_softmax,
     rmsnorm_to_crmsnorm,
+    token_prune,
 )
 from edgekit.passes.core import Pass
 
@@ -19,6 +25,12 @@ ALL: tuple[Pass, ...] = (
     fold_ln_affine.PASS,
     ln_to_rmsnorm.PASS,
     rmsnorm_to_crmsnorm.PASS,
+    token_prune.PASS,
+    poly_layernorm.PASS,
+    poly_gelu.PASS,
+    poly_act.PASS,
+    poly_softmax.PASS,
+    power_softmax.PASS,
 )
 
 

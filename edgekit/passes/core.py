@@ -25,8 +25,16 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
+from edgekit import flops
 from edgekit.errors import EdgekitError
-from edgekit.verify import TensorSpec, compare, onnx_input_specs, run_ort, seeded_inputs
+from edgekit.verify import (
+    TensorSpec,
+    compare,
+    onnx_input_specs,
+    ort_session,
+    run_ort,
+    seeded_inputs,
+)
 
 EXACT_RTOL = 1e-5
 
@@ -119,6 +127,8 @@ class PassRun:
     budget: float | None = None
     seconds: float = 0.0
     message: str = ""
+    flops_before: int | None = None  # edgekit.flops.count; None when shapes are not static
+    flops_after: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -131,6 +141,8 @@ class PassRun:
             "details": self.report.details,
             "ops_before": self.ops_before,
             "ops_after": self.ops_after,
+            "flops_before": self.flops_before,
+            "flops_after": self.flops_after,
             "max_abs_error": self.max_abs,
             "max_rel_error": self.max_rel,
             "budget": self.budget,
@@ -202,9 +214,10 @@ def _check(
     """Worst max-abs and norm-wise relative error of ``after`` against ``before``."""
     names = [o.name for o in before.graph.output]
     worst_abs = worst_rel = 0.0
+    ref_session, new_session = ort_session(before), ort_session(after)
     for sample in samples:
-        ref = run_ort(before, sample)
-        out = run_ort(after, sample)
+        ref = run_ort(ref_session, sample)
+        out = run_ort(new_session, sample)
         if len(out) != len(ref):
             return float("inf"), float("inf")
         for c in compare(names, out, ref, atol=0.0, rtol=0.0):
@@ -217,6 +230,16 @@ def run_pass(
     model: onnx.ModelProto, p: Pass, params: Mapping[str, Any], samples: list[dict]
 ) -> tuple[onnx.ModelProto, PassRun]:
     """Run one pass on a copy of ``model``, check it, and keep it only if the check passes."""
+    before = flops.try_count(model)
+    new, run = _run_pass(model, p, params, samples)
+    run.flops_before = before
+    run.flops_after = before if new is model else flops.try_count(new)
+    return new, run
+
+
+def _run_pass(
+    model: onnx.ModelProto, p: Pass, params: Mapping[str, Any], samples: list[dict]
+) -> tuple[onnx.ModelProto, PassRun]:
     start = time.perf_counter()
     work = ir.from_proto(model)
     before_ops = op_counts(model)

@@ -1,0 +1,114 @@
+"""``edgekit tracker | serve-device | devices | runner``: the device farm and the C++ runner."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from edgekit.cli._common import print_json
+
+
+def _announce(message: str) -> None:
+    click.echo(message)
+    click.echo("press Ctrl-C to stop", err=True)
+
+
+@click.command("tracker")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind (0.0.0.0 to accept devices from other machines).")
+@click.option("--port", type=click.IntRange(1, 65535), default=9190, show_default=True,
+              help="First port to try; the next 10 are tried if it is taken.")
+def tracker_cmd(host: str, port: int) -> None:
+    """Run TVM's RPC tracker: devices register with it, profiles request them by key.
+
+    \b
+    Example:
+      edgekit tracker --port 9190
+    """
+    from edgekit.devices import farm
+
+    farm.serve_tracker(host, port, announce=_announce)
+
+
+@click.command("serve-device")
+@click.option("--key", required=True, help="Device key clients ask for (e.g. rpi4).")
+@click.option("--tracker", "tracker", default="127.0.0.1:9190", show_default=True,
+              metavar="HOST:PORT", help="Tracker to register with.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind (0.0.0.0 when the tracker's clients are elsewhere).")
+@click.option("--port", type=click.IntRange(1, 65535), default=9090, show_default=True,
+              help="First port to try; the next 10 are tried if it is taken.")
+def serve_device_cmd(key: str, tracker: str, host: str, port: int) -> None:
+    """Serve this machine as a device (TVM's RPC server) registered under KEY.
+
+    \b
+    Example:
+      edgekit serve-device --key rpi4 --tracker 192.168.1.10:9190 --host 0.0.0.0
+    """
+    from edgekit.devices import farm
+
+    farm.serve_device(key, tracker, host, port, announce=_announce)
+
+
+@click.command("devices")
+@click.option("--tracker", "tracker", default="127.0.0.1:9190", show_default=True,
+              metavar="HOST:PORT", help="Tracker to ask.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def devices_cmd(tracker: str, as_json: bool) -> None:
+    """List the devices registered with a tracker, by key.
+
+    \b
+    Example:
+      edgekit devices --tracker 127.0.0.1:9190
+    """
+    from edgekit.devices import farm
+
+    rows = farm.list_devices(tracker)
+    if as_json:
+        print_json(rows)
+        return
+    if not rows:
+        click.echo(f"no devices registered with {tracker}")
+        return
+    click.echo(f"{'key':<20} {'free':>5} {'pending':>8} {'total':>6}  addresses")
+    for r in rows:
+        click.echo(f"{r['key']:<20} {r['free']:>5} {r['pending']:>8} {r['total']:>6}  "
+                   f"{', '.join(r['addresses'])}")
+
+
+@click.command("build-runner")
+@click.option("--arch", type=click.Choice(["host", "aarch64"]), default="host",
+              show_default=True, help="CPU to build for (aarch64 uses the cross toolchain).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Copy the binary here (default: just print the cached path).")
+def build_runner_cmd(arch: str, output: Path | None) -> None:
+    """Build edgekit-runner, the C++ benchmark binary that runs artifacts on a device.
+
+    For aarch64 it links the aarch64 TVM runtime from PyPI's wheels (fetched once into
+    ~/.cache/edgekit); copy the binary and the two libraries it prints to the device.
+
+    \b
+    Example:
+      edgekit build-runner --arch aarch64 -o edgekit-runner
+    """
+    import shutil
+
+    from edgekit.devices import toolchain
+    from edgekit.errors import EdgekitError
+
+    binary, rt = toolchain.build_runner(arch)
+    if output is not None:
+        try:
+            shutil.copy2(binary, output)
+        except OSError as exc:
+            raise EdgekitError(f"cannot write {output}: {exc.strerror or exc}") from None
+        binary = output
+    click.echo(f"runner: {binary}")
+    for d in rt.lib_dirs:
+        for lib in ("libtvm_runtime.so", "libtvm_ffi.so"):
+            if (d / lib).is_file():
+                click.echo(f"needs:  {d / lib}")
+
+
+COMMANDS = (tracker_cmd, serve_device_cmd, devices_cmd, build_runner_cmd)

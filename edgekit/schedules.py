@@ -1,0 +1,168 @@
+"""Default CPU schedules: reasonable code for kernels that no tuning record covers.
+
+Why: TVM's default Relax pipeline leaves every kernel as a serial scalar loop nest, and its
+dlight CPU rules (GEMV, Reduction) cover few of our kernels. This rule, for each block of an
+unscheduled kernel:
+
+- inlines elementwise blocks into the elementwise blocks that consume them (an epilogue chain
+  such as bias add -> ReLU6 becomes one loop nest; real padding stays apart so the
+  reduction's inner loop reads a plain buffer, a no-op pad copy is inlined);
+- reorders loops as [spatial..., reduction..., innermost spatial] so the innermost loop is a
+  contiguous spatial one (output column / feature), splits it by the vector width (a
+  non-multiple width gets a masked last vector) and vectorizes it; for a matmul this is the
+  classic i, j_outer, k, j_vector order;
+- with a reduction, blocks 4 rows (matmul) or output channels (conv) inside the reduction
+  and unrolls them, so each vector loaded is used four times;
+- fuses the outer spatial loops and runs them in parallel on the target's cores when the
+  kernel does at least ~1M operations (below that, waking threads costs more than it saves).
+
+Each kernel is scheduled independently; a block the rule cannot handle keeps its loops.
+Schedules change loop order only: every output element is reduced in the same order as in the
+unscheduled kernel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+SCHEDULED = "tirx.is_scheduled"
+_BLOCK = (4, 2)  # rows / channels per register block
+_VECTOR = (16, 8, 4)  # lanes to try, widest first (fp32: 16 = one AVX-512 register)
+# Multiply-adds (or elements) below which a kernel stays serial: waking the thread pool costs
+# more than ~1M operations save on 2 cores.
+_MIN_PARALLEL_WORK = 1 << 20
+
+
+def _const(expr: Any) -> int | None:
+    value = getattr(expr, "value", expr)
+    return int(value) if isinstance(value, int) else None
+
+
+def _inline_epilogues(sch, infos) -> None:
+    """compute_inline spatial blocks whose consumers are all spatial (not padding before a
+    reduction, not an output)."""
+    kinds = {info.name: info.is_injective() for info in infos}
+    for info in infos:
+        if not info.is_injective():
+            continue
+        consumers = sch.get_consumers(info.block_rv)
+        if not consumers:
+            continue
+        copy = "if_then_else" not in str(sch.get(info.block_rv))  # no padding condition
+        if not copy and not all(kinds.get(sch.get(c).name_hint, False) for c in consumers):
+            continue
+        try:
+            sch.compute_inline(info.block_rv)
+        except Exception:  # noqa: BLE001 - the block stays separate; still correct
+            continue
+
+
+def _schedule_block(sch, info, cores: int) -> bool:
+    loops = sch.get_loops(info.block_rv)
+    kinds = info.dom_kind()
+    if len(loops) != len(kinds) or "O" in kinds or "S" not in kinds:
+        return False
+    extents = [_const(d) for d in info.dom()]
+    if any(e is None for e in extents):
+        return False
+    spatial = [lp for lp, k in zip(loops, kinds, strict=True) if k == "S"]
+    reduce = [lp for lp, k in zip(loops, kinds, strict=True) if k == "R"]
+    s_ext = [e for e, k in zip(extents, kinds, strict=True) if k == "S"]
+    inner, inner_ext = spatial[-1], s_ext[-1]
+    lanes = next((v for v in _VECTOR if inner_ext % v == 0), None)
+    if lanes is None and inner_ext > 4:  # e.g. a 13- or 27-wide feature map: masked tail
+        lanes = 8 if inner_ext > 8 else 4
+    outer = spatial[:-1]
+    vec = None
+    if lanes is not None and inner_ext > lanes:
+        inner_o, vec = sch.split(inner, factors=[None, lanes])
+        outer = [*outer, inner_o]
+    elif lanes is not None:
+        vec = inner
+    else:
+        outer = spatial  # no vectorizable inner loop: keep it with the parallel part
+    block = None
+    if reduce and vec is not None and len(spatial) >= 2:
+        # Register blocking: a few rows (matmul) / output channels (conv) per vector loop,
+        # so each vector loaded in the reduction is used several times.
+        b = 1 if len(spatial) >= 4 else len(spatial) - 2
+        rows = next((v for v in _BLOCK if s_ext[b] % v == 0), None)
+        if rows is not None and s_ext[b] > 1:
+            b_o, block = sch.split(spatial[b], factors=[None, rows])
+            outer = [b_o if lp.same_as(spatial[b]) else lp for lp in outer]
+    if reduce:
+        order = [*outer, *reduce] + ([block] if block is not None else []) + (
+            [vec] if vec is not None else [])
+        sch.reorder(*order)
+    n_out = 1
+    for e in s_ext:
+        n_out *= e
+    work = n_out
+    for e, k in zip(extents, kinds, strict=True):
+        work *= e if k == "R" else 1
+    if outer and cores > 1 and work >= _MIN_PARALLEL_WORK:
+        fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+        # e.g. init and update not compact under this loop: the kernel stays serial
+        with contextlib.suppress(Exception):
+            sch.parallel(fused)
+    if vec is not None:
+        sch.vectorize(vec)
+    if block is not None:
+        sch.unroll(block)
+    if reduce:  # after parallel/vectorize: they need the reduction block whole
+        init = sch.decompose_reduction(info.block_rv, reduce[0])
+        if vec is not None:
+            with contextlib.suppress(Exception):
+                sch.vectorize(sch.get_loops(init)[-1])
+    return True
+
+
+def schedule_func(func, cores: int):
+    """A scheduled copy of one PrimFunc, or None when the rule does not apply."""
+    from tvm import s_tir
+    from tvm.s_tir.dlight.analysis import normalize_prim_func
+
+    sch = s_tir.Schedule(func)
+    infos = normalize_prim_func(sch)
+    if not infos:
+        return None
+    _inline_epilogues(sch, infos)
+    infos = normalize_prim_func(sch)
+    if not infos:
+        return None
+    done = 0
+    for info in infos:
+        snapshot = sch.copy()
+        try:
+            done += _schedule_block(sch, info, cores)
+        except Exception:  # noqa: BLE001 - this block keeps its loops; still correct
+            sch = snapshot
+    return sch.mod["main"] if done else None
+
+
+def apply_default(mod, tvm_target) -> tuple[Any, int]:
+    """Schedule every kernel of ``mod`` not yet scheduled (e.g. by a tuning record).
+    Returns (module, number of kernels scheduled here). CPU (llvm) targets only."""
+    import tvm
+
+    if tvm_target.kind.name != "llvm":
+        return mod, 0
+    # Unknown core count (no "num-cores" in the target): assume several, as TVM's runtime does.
+    cores = int(tvm_target.attrs.get("num-cores", 0) or 0) or 2
+    out = mod.clone()
+    count = 0
+    for gv, func in mod.functions.items():
+        if not isinstance(func, tvm.tirx.PrimFunc):
+            continue
+        if func.attrs and func.attrs.get(SCHEDULED):
+            continue
+        new = schedule_func(func, cores)
+        if new is None:
+            continue
+        for key, value in (func.attrs or {}).items():
+            if key not in (new.attrs or {}):
+                new = new.with_attr(key, value)
+        out.update_func(gv, new.with_attr(SCHEDULED, True))
+        count += 1
+    return out, count

@@ -1,0 +1,258 @@
+"""token-prune: token selection against a NumPy reference, static shapes, CLS, padding masks."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from edgekit.passes._wpr import Emitter, emit_select
+from edgekit.passes.core import run_pass
+from edgekit.passes.token_prune import PASS, prune_model
+from edgekit.verify import run_ort
+
+
+def reference(attn, kt, k, r, cls, iters, vmin, vmax, method):
+    """Zero-TPrune selection in plain NumPy (float64), written from techniques.md §5."""
+    b, h, n, _ = attn.shape
+    s = np.full((b, h, n), 1.0 / n)
+    for _ in range(1 if method == "colmean" else iters):
+        s = np.einsum("bhi,bhij->bhj", s, attn)  # s_j = sum_i A_ij s_i
+    if method == "wpr":
+        var = ((n * s - 1) ** 2).mean(-1)
+        w = ((var >= vmin) & (var <= vmax)).astype(float)
+        w[w.sum(1) == 0] = 1.0
+        s = s * w[:, :, None]
+    score = s.sum(1)
+    kept = []
+    for i in range(b):
+        sc = score[i].copy()
+        sc[:cls] = np.inf
+        order = np.argsort(-sc, kind="stable")[:k + r]
+        if r:
+            k_i = k + r
+            n_a = min(k_i - cls, max(r, k_i - k_i // 2))
+            n_b = k_i - n_a
+            keys = kt[i].mean(0).T
+            keys = keys / (np.linalg.norm(keys, axis=-1, keepdims=True) + 1e-6)
+            src, dst = order[n_b:], order[:n_b]
+            prio = (keys[src] @ keys[dst].T).max(-1) + 3.0 * (score[i][src] <= 0)
+            order = np.concatenate([dst, src[np.argsort(prio, kind="stable")[:n_a - r]]])
+        kept.append(np.sort(order))
+    return np.stack(kept)
+
+
+def selection_model(shape, d, k, r, cls, iters, vmin, vmax, method) -> onnx.ModelProto:
+    b, h, n, _ = shape
+    e = Emitter("sel", 18)
+    idx = emit_select(e, "attn", shape, k, r, cls, iters, vmin, vmax, method, 0,
+                      ("kt", "bhdn", (b, h, d, n)) if r else None)
+    graph = helper.make_graph(
+        e.nodes, "select",
+        [helper.make_tensor_value_info("attn", TensorProto.FLOAT, list(shape)),
+         helper.make_tensor_value_info("kt", TensorProto.FLOAT, [b, h, d, n])],
+        [helper.make_tensor_value_info(idx, TensorProto.INT64, [b, k])], e.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def attention_maps(b, h, n, d, seed, sharp=2.0):
+    rng = np.random.default_rng(seed)
+    logits = rng.standard_normal((b, h, n, n)) * sharp
+    attn = np.exp(logits - logits.max(-1, keepdims=True))
+    attn /= attn.sum(-1, keepdims=True)
+    return attn.astype(np.float32), rng.standard_normal((b, h, d, n)).astype(np.float32)
+
+
+@pytest.mark.parametrize("method,k,r,vmin,vmax", [
+    ("wpr", 9, 0, 0.01, 1e9),
+    ("wpr", 9, 3, 0.01, 1e9),
+    ("wpr", 6, 4, 0.5, 2.0),  # head filter drops some heads
+    ("wpr", 6, 4, 1e8, 1e9),  # no head passes: all heads count
+    ("colmean", 9, 3, 0.0, 0.0),
+])
+def test_selection_matches_numpy_reference(method, k, r, vmin, vmax):
+    b, h, n, d = 2, 3, 17, 8
+    model = selection_model((b, h, n, n), d, k, r, 1, 30, vmin, vmax, method)
+    for seed in range(3):
+        attn, kt = attention_maps(b, h, n, d, seed)
+        got = run_ort(model, {"attn": attn, "kt": kt})[0]
+        want = reference(attn.astype(np.float64), kt.astype(np.float64), k, r, 1, 30, vmin,
+                         vmax, method)
+        assert got.shape == (b, k)
+        np.testing.assert_array_equal(got, want)
+
+
+def test_cls_kept_even_when_ignored():
+    b, h, n, d = 1, 2, 12, 4
+    attn, kt = attention_maps(b, h, n, d, 0)
+    attn[..., 0] = 0.0  # nobody attends to CLS: its importance is zero
+    attn /= attn.sum(-1, keepdims=True)
+    for method in ("wpr", "colmean", "random"):
+        got = run_ort(selection_model((b, h, n, n), d, 4, 2, 1, 30, 0.0, 1e9, method),
+                      {"attn": attn, "kt": kt})[0]
+        assert got[0, 0] == 0 and np.all(np.diff(got[0]) > 0)
+
+
+def export(net, args: tuple, names: list[str]) -> onnx.ModelProto:
+    """TorchScript export: seconds instead of the dynamo exporter's minute (bench/ uses that)."""
+    import io
+    import warnings
+
+    import torch
+
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, args, buf, input_names=names, dynamo=False, opset_version=18)
+    return static_shapes(onnx.load_from_string(buf.getvalue()))
+
+
+def static_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnxruntime's basic (constant-folding) optimization: TorchScript's Shape chains go."""
+    import tempfile
+    from pathlib import Path
+
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as d:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        so.optimized_model_filepath = str(Path(d) / "folded.onnx")
+        ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return onnx.load(so.optimized_model_filepath)
+
+
+@pytest.fixture(scope="module")
+def tiny_vit() -> onnx.ModelProto:
+    """A 3-block, 17-token ViT (16 patches + CLS) exported from torch, random weights."""
+    import torch
+    from edgekit.graphs.digits_vit import _model
+
+    torch.manual_seed(0)
+    net = _model(dim=32, depth=3, heads=2, mlp=64).eval()
+    net.patch = torch.nn.Conv2d(1, 32, 8, 8)  # 32x32 image -> 16 patches
+    net.pos = torch.nn.Parameter(torch.randn(1, 17, 32) * 0.02)
+    return export(net, (torch.zeros(1, 1, 32, 32),), ["image"])
+
+
+def test_pass_static_shapes_and_flops(tiny_vit):
+    from edgekit.passes.core import load_samples
+
+    samples = load_samples(tiny_vit)
+    params = PASS.parse_params({"keep": "0.5", "layers": "0/1"})
+    new, run = run_pass(tiny_vit, PASS, params, samples)
+    assert run.status == "applied", run.message
+    assert [x["kept"] for x in run.report.details["layers"]] == [8, 4]
+    assert run.flops_after < 0.8 * run.flops_before
+    def dynamic(model):
+        g = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True).graph
+        return {vi.name for vi in [*g.value_info, *g.output]
+                if not all(d.HasField("dim_value") for d in vi.type.tensor_type.shape.dim)}
+
+    assert not dynamic(new)
+    assert run_ort(new, samples[0])[0].shape == (1, 10)
+
+
+def test_flops_target_schedule(tiny_vit):
+    from edgekit import flops
+
+    params = PASS.parse_params({"flops_target": "0.3", "layers": "0/1/2"})
+    new, run = run_pass(tiny_vit, PASS, params, [])
+    assert run.status == "applied", run.message
+    assert 1 - flops.count(new) / flops.count(tiny_vit) >= 0.3
+
+
+def test_pruning_twice(tiny_vit):
+    once, run1 = run_pass(tiny_vit, PASS, PASS.parse_params({"layers": "0"}), [])
+    twice, run2 = run_pass(once, PASS, PASS.parse_params({"layers": "1"}), [])
+    assert (run1.status, run2.status) == ("applied", "applied")
+    assert run2.flops_before == run1.flops_after > run2.flops_after
+    assert run2.report.details["layers"][0]["tokens_before"] == 12  # 17 * 0.7 kept by run 1
+
+
+def test_keep_all_is_unchanged_and_refusals(tiny_vit, add_relu_onnx):
+    _, run = run_pass(tiny_vit, PASS, PASS.parse_params({"keep": "1.0"}), [])
+    assert run.status == "unchanged"
+    _, run = run_pass(onnx.load(add_relu_onnx), PASS, PASS.parse_params({}), [])
+    assert run.status == "refused" and "Softmax" in run.message
+    _, run = run_pass(tiny_vit, PASS, PASS.parse_params({"layers": "7"}), [])
+    assert run.status == "refused" and "layer 7" in run.message
+
+
+@pytest.fixture(scope="module")
+def tiny_bert() -> onnx.ModelProto:
+    """A 2-layer BERT (random weights) with masked mean pooling, like sentence-transformers."""
+    import torch
+    import transformers as tf
+
+    cfg = tf.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=32,
+                        attn_implementation="eager")
+    torch.manual_seed(0)
+    bert = tf.BertModel(cfg, add_pooling_layer=False).eval()
+
+    class Pooled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, attention_mask):
+            h = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            m = attention_mask[..., None].to(h.dtype)
+            return (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+    ones = torch.ones(1, 16, dtype=torch.int64)
+    return export(Pooled().eval(), (ones, ones), ["input_ids", "attention_mask"])
+
+
+def test_padding_is_pruned_first_and_stays_masked(tiny_bert):
+    ids = np.random.default_rng(0).integers(1, 100, (1, 16)).astype(np.int64)
+    mask = np.zeros((1, 16), np.int64)
+    mask[0, :9] = 1  # 9 real tokens (CLS first), 7 padding
+    sample = {"input_ids": ids, "attention_mask": mask}
+    ref = run_ort(tiny_bert, sample)[0]
+    # keeping 10 of 16 after layer 0 keeps every real token: the embedding must not change
+    new, done = prune_model(tiny_bert, [0], 10 / 16, 0.5, 1, 30, 0.0, 1e9, "wpr", 0)
+    assert done[0]["kept"] == 10
+    np.testing.assert_allclose(run_ort(new, sample)[0], ref, rtol=1e-5, atol=1e-6)
+    # pruning below the real count still never lets padding into the pooled embedding
+    new, _ = prune_model(tiny_bert, [0], 6 / 16, 0.5, 1, 30, 0.0, 1e9, "wpr", 0)
+    out = run_ort(new, sample)[0]
+    cos = float(out.ravel() @ ref.ravel() / (np.linalg.norm(out) * np.linalg.norm(ref)))
+    assert np.isfinite(out).all() and cos > 0.5
+
+
+def test_rewrite_cli_reports_flops(tiny_vit, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from edgekit.cli import cli
+
+    onnx.save(tiny_vit, tmp_path / "vit.onnx")
+    result = CliRunner().invoke(cli, ["rewrite", str(tmp_path / "vit.onnx"), "-o",
+                                      str(tmp_path / "out.onnx"), "--passes",
+                                      "token-prune:keep=0.5:layers=0", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    run = report["ledger"][0]
+    assert run["status"] == "applied" and run["flops_after"] < run["flops_before"]
+    assert (report["flops_before"], report["flops_after"]) == (run["flops_before"],
+                                                                run["flops_after"])
+    bad = CliRunner().invoke(cli, ["rewrite", str(tmp_path / "vit.onnx"), "-o",
+                                   str(tmp_path / "bad.onnx"), "--passes",
+                                   "token-prune:importance=magic"])
+    assert "importance='magic'" in bad.output
+
+
+def test_pruned_graph_compiles_with_tvm(tiny_vit, tmp_path):
+    """Static keep counts: TVM compiles the pruned graph and matches onnxruntime on it."""
+    from edgekit import api
+
+    new, _ = prune_model(tiny_vit, [0, 1], 0.5, 0.25, 1, 10, 0.01, 1e9, "wpr", 0)
+    onnx.save(new, tmp_path / "pruned.onnx")
+    result = api.compile(tmp_path / "pruned.onnx", "host", tmp_path / "pruned.edgekit")
+    assert all(c["ok"] for c in result.manifest["verification"]["outputs"])
