@@ -14,6 +14,7 @@ run, kept or not, becomes one ledger entry.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -23,7 +24,12 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_ir as ir
-from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
+from onnx_ir.passes.common import (
+    RemoveInitializersFromInputsPass,
+    RemoveUnusedNodesPass,
+    ShapeInferencePass,
+    TopologicalSortPass,
+)
 
 from edgekit import flops
 from edgekit.errors import EdgekitError
@@ -242,6 +248,15 @@ def _run_pass(
 ) -> tuple[onnx.ModelProto, PassRun]:
     start = time.perf_counter()
     work = ir.from_proto(model)
+    if work.ir_version is not None and work.ir_version < 4:
+        # IR < 4 lists initializers as graph inputs, so they are not constants to a pass;
+        # IR 4 semantics make them constants without changing what the model computes.
+        RemoveInitializersFromInputsPass()(work)
+        work.ir_version = 4
+    # passes read ranks and shapes of intermediate values; where inference fails (custom
+    # domains), passes skip what they cannot see, with reasons
+    with contextlib.suppress(Exception):
+        ShapeInferencePass()(work)
     before_ops = op_counts(model)
     try:
         report = p.apply(work, PassContext(samples), **params)
@@ -252,8 +267,9 @@ def _run_pass(
                       seconds=time.perf_counter() - start, message=refusal.reason)
         return model, run
     if not report.modified:
+        message = "" if report.skipped else "found nothing this pass rewrites"
         run = PassRun(p.name, dict(params), p.exact, "unchanged", report, before_ops, before_ops,
-                      seconds=time.perf_counter() - start)
+                      seconds=time.perf_counter() - start, message=message)
         return model, run
     RemoveUnusedNodesPass()(work)
     TopologicalSortPass()(work)

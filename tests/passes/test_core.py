@@ -128,3 +128,22 @@ def test_compiled_artifact_carries_the_ledger(tmp_path):
     assert sum(n.op_type == "Conv" for n in compiled.graph.node) == entry["ops_after"]["Conv"]
     assert runtime.load(tmp_path / "r.edgekit").run(
         np.zeros((1, 3, 32, 32), np.float32))
+
+
+def test_ir3_initializers_listed_as_inputs_are_constants():
+    """IR < 4 models list every initializer as a graph input; passes must still fold them."""
+    rng = np.random.default_rng(0)
+    inits = [helper.make_tensor("w", TensorProto.FLOAT, [4, 3, 1, 1], rng.standard_normal(12))]
+    for name, values in (("g", rng.random(4) + 0.5), ("b", rng.standard_normal(4)),
+                         ("m", rng.standard_normal(4)), ("v", rng.random(4) + 0.5)):
+        inits.append(helper.make_tensor(name, TensorProto.FLOAT, [4], values))
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+         helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y"], name="bn")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])]
+        + [helper.make_tensor_value_info(t.name, TensorProto.FLOAT, list(t.dims)) for t in inits],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 4, 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)], ir_version=3)
+    new, run = run_pass(model, available()["fold-bn"], {"decompose": True}, samples(model))
+    assert run.status == "applied" and run.max_rel <= 1e-5
+    assert [n.op_type for n in new.graph.node] == ["Conv"]
