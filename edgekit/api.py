@@ -131,8 +131,10 @@ def load_calibration(path: str | Path) -> dict[str, np.ndarray]:
             return {k: data[k] for k in data.files}
     except FileNotFoundError:
         raise EdgekitError(f"calibration file not found: {path}") from None
-    except (ValueError, OSError) as exc:
-        raise EdgekitError(f"cannot read calibration data {path}: {exc}") from None
+    except (ValueError, OSError, EOFError) as exc:
+        # np.load reports a non-archive as "pickled data"; say what was expected instead
+        raise EdgekitError(f"cannot read calibration data {path}: not an .npz archive of "
+                           f"arrays ({type(exc).__name__})") from None
 
 
 @dataclass

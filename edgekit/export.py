@@ -27,10 +27,11 @@ _TWO_GB = 2 * 1024**3
 @contextlib.contextmanager
 def _quiet():
     """The exporter prints progress and warnings on stdout/stderr; keep the CLI's output ours."""
-    loggers = [logging.getLogger(n) for n in ("torch", "torch.onnx", "onnxscript", "torch.export")]
+    loggers = [logging.getLogger(n) for n in (
+        "torch", "torch.onnx", "onnxscript", "torch.export", "torch.export._trace")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
-        lg.setLevel(logging.ERROR)
+        lg.setLevel(logging.CRITICAL)
     buf = io.StringIO()
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(buf), \

@@ -65,6 +65,7 @@ def parse_named_arrays(values: tuple[str, ...]) -> dict:
             out[name] = np.load(path, allow_pickle=False)
         except FileNotFoundError:
             raise EdgekitError(f"input file not found: {path}") from None
-        except (ValueError, OSError) as exc:
-            raise EdgekitError(f"cannot read {path} as a .npy array: {exc}") from None
+        except (ValueError, OSError, EOFError) as exc:
+            raise EdgekitError(f"cannot read {path}: not a .npy array "
+                               f"({type(exc).__name__})") from None
     return out
