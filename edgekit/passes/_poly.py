@@ -205,7 +205,12 @@ class Emitter:
         return y if shift == 0 else self.add(y, self.c(shift))
 
     def reduce(self, op: str, x: ir.Value, axis: int | Sequence[int]) -> ir.Value:
-        """ReduceMean/ReduceSum keeping dims (axes as an input: opset ≥ 18)."""
+        """ReduceMean/ReduceSum keeping dims; axes an input from opset 18 (Sum: 13)."""
+        graph = self.at.graph
+        opset = graph.opset_imports.get("", 18) if graph is not None else 18
+        if opset < (13 if op == "ReduceSum" else 18):
+            axes_list = [axis] if isinstance(axis, int) else list(axis)
+            return self._op(op, [x], {"keepdims": 1, "axes": axes_list})
         if isinstance(axis, int):
             axes = self.b.scalar(axis, np.dtype(np.int64), "axes")
         else:

@@ -156,3 +156,24 @@ def test_poly_passes_are_listed_as_approximate():
     passes = available()
     for name in ("poly-softmax", "power-softmax", "poly-gelu", "poly-act", "poly-layernorm"):
         assert not passes[name].exact and 0 < passes[name].budget < 1
+
+
+def test_poly_softmax_on_an_old_opset_uses_axes_attributes():
+    """Opset < 18 takes ReduceMean axes as an attribute; the rewrite must stay valid there."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edgekit.passes import available
+    from edgekit.passes.core import load_samples, run_pass
+
+    graph = helper.make_graph(
+        [helper.make_node("Softmax", ["x"], ["y"], name="softmax", axis=-1)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 8, 8])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    p = available()["poly-softmax"]
+    new, run = run_pass(model, p, dict(p.params), load_samples(model))
+    assert run.status == "applied", run.message
+    reduces = [n for n in new.graph.node if n.op_type == "ReduceMean"]
+    assert reduces and all(len(n.input) == 1 for n in reduces)
+    onnx.checker.check_model(new, full_check=True)
