@@ -112,16 +112,11 @@ def rewrite(
 ) -> RewriteResult:
     """Apply ``passes`` ("a,b:key=value,...") in order, each checked; failed ones roll back."""
     from edgekit.passes import available
-    from edgekit.passes.core import load_samples, parse_pass_list, run_pass
+    from edgekit.passes.core import load_samples, parse_pass_list, run_pipeline
 
     plan = parse_pass_list(passes, available())
     samples = load_samples(model, inputs, calibration)
-    ledger = []
-    for p, params in plan:
-        progress(f"pass {p.name}")
-        model, run = run_pass(model, p, params, samples)
-        ledger.append(run)
-    return RewriteResult(model, ledger)
+    return RewriteResult(*run_pipeline(model, plan, samples, progress))
 
 
 def load_calibration(path: str | Path) -> dict[str, np.ndarray]:
@@ -208,7 +203,7 @@ def compile(  # noqa: A001 - the verb users expect
         else:
             check["skipped"] = f"target {tgt.name} does not run on this machine"
         manifest = artifact.publish(tmp, out, {
-            "target": {**tgt.to_dict(), "machine": _machine(tgt)},
+            "target": {**tgt.to_dict(), "machine": tgt.machine},
             "inputs": [s.to_dict() for s in specs],
             "outputs": [s.to_dict() for s in outputs],
             "source": {**(source or intake.get_source(model) or
@@ -239,16 +234,6 @@ def _output_specs(model: onnx.ModelProto) -> list[TensorSpec]:
         shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
         out.append(TensorSpec(o.name, shape, verify._ONNX_TO_NUMPY.get(t.elem_type, "unknown")))
     return out
-
-
-def _machine(tgt) -> str:
-    """The CPU architecture the library runs on (``platform.machine()`` spelling)."""
-    import platform
-
-    triple = tgt.to_dict().get("tvm", {}).get("mtriple", "")
-    host = tgt.to_dict().get("tvm", {}).get("host", {})
-    triple = triple or (host.get("mtriple", "") if isinstance(host, dict) else "")
-    return triple.split("-")[0] if triple else platform.machine()
 
 
 def _verify_library(tmp: Path, model, specs, outputs, tgt, atol, rtol) -> list[Comparison]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import onnx
 
-from edgekit.errors import EdgekitError
+from edgekit.errors import EdgekitError, last_line
 from edgekit.targets import Target
 from edgekit.verify import TensorSpec
 
@@ -61,7 +61,7 @@ def to_relax(model: onnx.ModelProto, specs: Sequence[TensorSpec]):
             dtype_dict={s.name: s.dtype for s in specs},
         )
     except Exception as exc:
-        raise EdgekitError(f"TVM's ONNX import failed: {_first_line(exc)}") from exc
+        raise EdgekitError(f"TVM's ONNX import failed: {last_line(exc)}") from exc
 
 
 def build(mod, target: Target, tuning=None, progress=None, info: dict | None = None):
@@ -80,7 +80,7 @@ def build(mod, target: Target, tuning=None, progress=None, info: dict | None = N
         return tvm.compile(mod, target=target.tvm_target())
     except Exception as exc:
         raise EdgekitError(f"TVM compile for target {target.name!r} failed: "
-                           f"{_first_line(exc)}") from exc
+                           f"{last_line(exc)}") from exc
 
 
 def export_library(executable, target: Target, path: Path) -> None:
@@ -95,14 +95,8 @@ def export_library(executable, target: Target, path: Path) -> None:
             executable.export_library(str(path))
     except Exception as exc:
         raise EdgekitError(f"linking the library for {target.name!r} failed: "
-                           f"{_first_line(exc)}") from exc
+                           f"{last_line(exc)}") from exc
     if target.device == "cuda":  # PTX beside the library: the GPU machine needs no nvcc
         from edgekit.devices.cuda import write_ptx
 
         write_ptx(executable, target, path.parent)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
-    # TVM errors end with the useful line; tracebacks come first.
-    return lines[-1].strip() if lines else type(exc).__name__

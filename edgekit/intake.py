@@ -19,7 +19,7 @@ from typing import Any
 
 import onnx
 
-from edgekit.errors import EdgekitError
+from edgekit.errors import EdgekitError, first_line
 from edgekit.verify import TensorSpec, onnx_input_specs
 
 
@@ -78,14 +78,14 @@ def load_onnx(path: str | Path, overrides: Sequence[TensorSpec] = ()) -> onnx.Mo
     try:
         model = onnx.load(str(path))
     except Exception as exc:  # protobuf DecodeError, truncated files, bad external data
-        raise EdgekitError(f"{path} is not a readable ONNX model: {_first_line(exc)}") from None
+        raise EdgekitError(f"{path} is not a readable ONNX model: {first_line(exc)}") from None
     if not model.graph.node and not model.graph.output:
         raise EdgekitError(f"{path} is not a readable ONNX model: it has an empty graph")
     try:
         onnx.checker.check_model(model)
         model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     except Exception as exc:
-        raise EdgekitError(f"{path} fails the ONNX checker: {_first_line(exc)}") from None
+        raise EdgekitError(f"{path} fails the ONNX checker: {first_line(exc)}") from None
     onnx_input_specs(model, overrides)  # surfaces dynamic dims and unknown --input names early
     return model
 
@@ -131,7 +131,7 @@ def _call_factory(file: Path, factory: str):
         mod_spec.loader.exec_module(module)
     except Exception as exc:
         raise EdgekitError(f"importing {file} failed: {type(exc).__name__}: "
-                           f"{_first_line(exc)}") from exc
+                           f"{first_line(exc)}") from exc
     fn = getattr(module, factory, None)
     if not callable(fn):
         raise EdgekitError(f"{file} has no function {factory!r}")
@@ -139,7 +139,7 @@ def _call_factory(file: Path, factory: str):
         model = fn()
     except Exception as exc:
         raise EdgekitError(f"{file}:{factory}() failed: {type(exc).__name__}: "
-                           f"{_first_line(exc)}") from exc
+                           f"{first_line(exc)}") from exc
     if not isinstance(model, torch.nn.Module):
         raise EdgekitError(f"{file}:{factory}() returned {type(model).__name__}, "
                            "not a torch.nn.Module")
@@ -155,7 +155,7 @@ def _load_weights(module, path: Path) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise EdgekitError(f"cannot load weights from {path}: {_first_line(exc)}") from None
+        raise EdgekitError(f"cannot load weights from {path}: {first_line(exc)}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -180,8 +180,3 @@ def _merge_specs(defaults: list[TensorSpec], overrides: Sequence[TensorSpec], sp
         names = ", ".join(d.name for d in defaults)
         raise EdgekitError(f"unknown input {sorted(unknown)[0]!r}: the model's inputs are {names}")
     return [by_name.get(d.name, d) for d in defaults]
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
-    return lines[0].strip() if lines else type(exc).__name__

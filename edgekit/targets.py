@@ -59,12 +59,19 @@ class Target:
     cross_hint: str | None = None
 
     @property
+    def machine(self) -> str:
+        """The CPU architecture the compiled library runs on (``platform.machine()`` spelling):
+        from ``mtriple``, or the host dict's for GPU targets, else this machine's."""
+        host = self.tvm.get("host")
+        triple = self.tvm.get("mtriple") or (host.get("mtriple") if host else None)
+        return _arch((triple or platform.machine()).split("-")[0])
+
+    @property
     def runs_on_host(self) -> bool:
         """True when code built for this target can run on this machine's CPU."""
         if self.device != "cpu" or self.cross_compiler:
             return False
-        triple = self.tvm.get("mtriple")
-        if triple and _arch(triple.split("-")[0]) != _arch(platform.machine()):
+        if self.machine != _arch(platform.machine()):
             return False
         return not _missing_on_host(_thaw(self.tvm))
 

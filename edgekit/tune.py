@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from edgekit.errors import EdgekitError
+from edgekit.errors import EdgekitError, last_line
 from edgekit.targets import Target
 
 Progress = Callable[[str], None]
@@ -162,7 +162,7 @@ def open_database(db: Path):
         raise EdgekitError(f"cannot use tuning database {db}: {exc.strerror or exc}") from None
     except Exception as exc:
         raise EdgekitError(f"cannot read tuning database {db}: "
-                           f"{str(exc).strip().splitlines()[-1]}") from None
+                           f"{last_line(exc)}") from None
 
 
 def lower(mod, tvm_target):
@@ -282,9 +282,7 @@ def tune(
         except EdgekitError:
             raise
         except Exception as exc:
-            lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
-            raise EdgekitError(f"MetaSchedule tuning failed: "
-                               f"{lines[-1] if lines else type(exc).__name__}") from exc
+            raise EdgekitError(f"MetaSchedule tuning failed: {last_line(exc)}") from exc
     return TuneStats(tasks=len(tasks), trials=callback.done,
                      seconds=round(time.perf_counter() - t0, 1), budget_trials=trials,
                      budget_minutes=minutes, cost_model=cost_model, db=str(db))

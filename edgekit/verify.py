@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import onnx
 
-from edgekit.errors import EdgekitError
+from edgekit.errors import EdgekitError, first_line
 
 _ONNX_TO_NUMPY = {
     onnx.TensorProto.FLOAT: "float32",
@@ -167,7 +167,7 @@ def ort_session(model: onnx.ModelProto | bytes | str, threads: int | None = None
     try:
         return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises several unrelated types for bad graphs
-        raise EdgekitError(f"onnxruntime cannot load the model: {_first_line(exc)}") from exc
+        raise EdgekitError(f"onnxruntime cannot load the model: {first_line(exc)}") from exc
 
 
 def run_ort(model, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
@@ -176,9 +176,4 @@ def run_ort(model, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     try:
         return sess.run(None, dict(inputs))
     except Exception as exc:
-        raise EdgekitError(f"onnxruntime failed to run the model: {_first_line(exc)}") from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+        raise EdgekitError(f"onnxruntime failed to run the model: {first_line(exc)}") from exc

@@ -20,7 +20,7 @@ from edgekit.cli import (
     run_cmd,
     tune_cmd,
 )
-from edgekit.errors import EdgekitError
+from edgekit.errors import EdgekitError, first_line
 
 
 class _Group(click.Group):
@@ -40,9 +40,8 @@ class _Group(click.Group):
         except Exception as exc:  # a bug: say so in one line unless --debug
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            msg = str(exc).strip().splitlines()
             click.echo(f"error: internal error ({type(exc).__name__}: "
-                       f"{msg[0] if msg else ''}); rerun with --debug for the traceback",
+                       f"{first_line(exc)}); rerun with --debug for the traceback",
                        err=True)
             ctx.exit(1)
 

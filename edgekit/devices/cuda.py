@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from edgekit.errors import EdgekitError
+from edgekit.errors import EdgekitError, last_line
 
 PREFIX = "cuda-"
 _KNOWN: dict[str, Path] = {}  # source digest -> PTX file, for every loaded CUDA artifact
@@ -59,9 +59,8 @@ def write_ptx(executable, target, out_dir: Path) -> list[str]:
                 ptx = bytes(nvcc.compile_cuda(source, target_format="ptx", arch=arch,
                                               compiler="nvcc"))
         except Exception as exc:
-            lines = [ln for ln in str(exc).splitlines() if ln.strip()]
             raise EdgekitError(f"nvcc could not compile the CUDA kernels to PTX for {arch}: "
-                               f"{lines[-1] if lines else type(exc).__name__}") from None
+                               f"{last_line(exc)}") from None
         if not ptx.startswith(b"//"):
             raise EdgekitError("nvcc did not produce PTX text")
         name = PREFIX + source_digest(source)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from edgekit.errors import EdgekitError
+from edgekit.errors import EdgekitError, last_line
 
 DEFAULT_TRACKER_PORT = 9190
 DEFAULT_SERVER_PORT = 9090
@@ -82,7 +82,7 @@ def serve_tracker(host: str = "127.0.0.1", port: int = DEFAULT_TRACKER_PORT,
             return Tracker(host=host, port=port, port_end=port_end or port + 10, silent=True)
         except Exception as exc:
             raise EdgekitError(f"cannot start the tracker on {host}:{port}: "
-                               f"{_first_line(exc)}") from None
+                               f"{last_line(exc)}") from None
 
     _serve(start, lambda t: f"tracker listening on {host}:{t.port}", announce)
 
@@ -102,7 +102,7 @@ def serve_device(key: str, tracker: str, host: str = "127.0.0.1",
                               tracker_addr=tracker_addr, key=key, silent=True)
         except Exception as exc:
             raise EdgekitError(f"cannot start the RPC server on {host}:{port}: "
-                               f"{_first_line(exc)}") from None
+                               f"{last_line(exc)}") from None
 
     _serve(start, lambda s: f"device {key!r} serving on {host}:{s.port}, "
                             f"registered with tracker {tracker}", announce)
@@ -123,7 +123,7 @@ def _check_tracker(host: str, port: int, wait: float = 0.0):
                 time.sleep(0.5)
                 continue
             raise EdgekitError(f"cannot reach the tracker at {host}:{port}: "
-                               f"{_first_line(exc)}") from None
+                               f"{last_line(exc)}") from None
 
 
 def list_devices(tracker: str) -> list[dict[str, Any]]:
@@ -212,7 +212,7 @@ def profile_remote(artifact: str | Path, tracker: str, key: str, warmup: int = 1
         raise
     except Exception as exc:
         raise EdgekitError(f"remote profile on {key!r} via {tracker} failed: "
-                           f"{_first_line(exc)}") from None
+                           f"{last_line(exc)}") from None
     result = {
         "artifact": str(artifact),
         "target": manifest["target"]["name"],
@@ -225,8 +225,3 @@ def profile_remote(artifact: str | Path, tracker: str, key: str, warmup: int = 1
     }
     return finish(result, times, manifest, warmup, elapsed,
                   "duration" if duration else "repeat", device_key=key)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
-    return lines[-1].strip() if lines else type(exc).__name__

@@ -184,7 +184,7 @@ def load(path) -> onnx.ModelProto:
     """Read and validate an ONNX file for checking (dynamic dims are fine here)."""
     from pathlib import Path
 
-    from edgekit.errors import EdgekitError
+    from edgekit.errors import EdgekitError, first_line
 
     path = Path(path)
     if not path.is_file():
@@ -193,6 +193,5 @@ def load(path) -> onnx.ModelProto:
         model = onnx.load(str(path))
         onnx.checker.check_model(model)
     except Exception as exc:  # protobuf DecodeError, checker errors
-        line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise EdgekitError(f"{path} is not a valid ONNX model: {line}") from None
+        raise EdgekitError(f"{path} is not a valid ONNX model: {first_line(exc)}") from None
     return model

@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from edgekit.errors import first_line
 from edgekit.passes._wpr import Emitter
 from edgekit.passes.core import PassRefused
 
@@ -60,7 +61,7 @@ def graph_info(model: onnx.ModelProto) -> GraphInfo:
     try:
         model = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
     except onnx.shape_inference.InferenceError as exc:
-        raise PassRefused(f"shape inference failed: {str(exc).splitlines()[0]}") from None
+        raise PassRefused(f"shape inference failed: {first_line(exc)}") from None
     g = model.graph
     info = GraphInfo(model, opset=next((o.version for o in model.opset_import
                                         if o.domain in ("", "ai.onnx")), 18))

@@ -32,7 +32,7 @@ from onnx_ir.passes.common import (
 )
 
 from edgekit import flops
-from edgekit.errors import EdgekitError
+from edgekit.errors import EdgekitError, first_line
 from edgekit.verify import (
     TensorSpec,
     compare,
@@ -283,7 +283,7 @@ def _run_pass(
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError,
             EdgekitError) as exc:
         max_abs = max_rel = float("inf")
-        problem = f"the rewritten graph is invalid: {str(exc).splitlines()[0]}"
+        problem = f"the rewritten graph is invalid: {first_line(exc)}"
     seconds = time.perf_counter() - start
     if problem:
         run = PassRun(p.name, dict(params), p.exact, "rolled-back", report, before_ops,
@@ -298,10 +298,13 @@ def run_pipeline(
     model: onnx.ModelProto,
     passes: Sequence[tuple[Pass, Mapping[str, Any]]],
     samples: list[dict[str, np.ndarray]],
+    progress: Callable[[str], None] | None = None,
 ) -> tuple[onnx.ModelProto, list[PassRun]]:
     """Run passes in order; each is checked against the model before it."""
     ledger = []
     for p, params in passes:
+        if progress is not None:
+            progress(f"pass {p.name}")
         model, run = run_pass(model, p, params, samples)
         ledger.append(run)
     return model, ledger
