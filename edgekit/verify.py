@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -30,11 +30,16 @@ _ONNX_TO_NUMPY = {
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """Name, static shape and numpy dtype name of one model input or output."""
+    """Name, static shape and numpy dtype name of one model input or output.
+
+    ``high``: for an integer input used as indices into a table (token ids into an embedding),
+    the table's size, so seeded inputs cover the whole table instead of rows 0 and 1.
+    """
 
     name: str
     shape: tuple[int, ...]
     dtype: str
+    high: int | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
@@ -101,11 +106,55 @@ def onnx_input_specs(
     if unknown:
         names = ", ".join(v.name for v in values)
         raise EdgekitError(f"unknown input {sorted(unknown)[0]!r}: the model's inputs are {names}")
-    return [_value_spec(v, by_name.get(v.name)) for v in values]
+    bounds = index_bounds(model)
+    return [replace(_value_spec(v, by_name.get(v.name)), high=bounds.get(v.name))
+            for v in values]
+
+
+# Ops that pass integer indices through unchanged on their first input.
+_INDEX_PASSTHROUGH = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"}
+
+
+def index_bounds(model: onnx.ModelProto) -> dict[str, int]:
+    """Integer graph inputs used as Gather indices into an initializer: input -> table size.
+
+    An input reaching several tables gets the smallest; one reaching anything else (a mask
+    turned into an additive bias) gets no bound, so it keeps the 0/1 values of a mask.
+    """
+    inits = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def bound(name: str, depth: int = 0) -> int | None:
+        uses = consumers.get(name, [])
+        if not uses or depth > 8:
+            return None
+        sizes = []
+        for node in uses:
+            if node.op_type == "Gather" and node.input[1] == name and node.input[0] in inits:
+                axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+                dims = inits[node.input[0]]
+                sizes.append(dims[axis] if dims else None)
+            elif node.op_type in _INDEX_PASSTHROUGH and node.input[0] == name:
+                sizes.append(bound(node.output[0], depth + 1))
+            else:
+                return None
+        return min(sizes) if sizes and None not in sizes else None
+
+    out = {}
+    for value in model.graph.input:
+        if value.type.tensor_type.elem_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
+            size = bound(value.name)
+            if size and size > 2:
+                out[value.name] = size
+    return out
 
 
 def seeded_inputs(specs: Sequence[TensorSpec], seed: int = 0) -> dict[str, np.ndarray]:
-    """Reproducible inputs: floats ~ N(0, 1); integers small and non-negative (ids, masks)."""
+    """Reproducible inputs: floats ~ N(0, 1); integers in [0, spec.high) for index inputs
+    with a known table size, else 0/1 (masks)."""
     rng = np.random.default_rng(seed)
     out = {}
     for s in specs:
@@ -115,7 +164,7 @@ def seeded_inputs(specs: Sequence[TensorSpec], seed: int = 0) -> dict[str, np.nd
         elif dt.kind == "b":
             out[s.name] = np.ones(s.shape, dtype=dt)
         else:
-            out[s.name] = rng.integers(0, 2, size=s.shape).astype(dt)
+            out[s.name] = rng.integers(0, s.high or 2, size=s.shape).astype(dt)
     return out
 
 

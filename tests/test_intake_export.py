@@ -131,3 +131,29 @@ def test_onnx_dynamic_dim_needs_input_shape(tmp_path):
     intake.load_onnx(path, [parse_input_spec("x:2x4")])
     with pytest.raises(EdgekitError, match="unknown input 'z'"):
         intake.load_onnx(path, [parse_input_spec("z:2x4")])
+
+
+def test_seeded_token_ids_cover_the_embedding_table_and_masks_stay_binary():
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgekit.verify import index_bounds, onnx_input_specs
+
+    table = numpy_helper.from_array(np.zeros((50, 4), np.float32), "table")
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["ids", "flat"], ["ids1"]),
+         helper.make_node("Gather", ["table", "ids1"], ["emb"]),
+         helper.make_node("Cast", ["mask"], ["maskf"], to=TensorProto.FLOAT),
+         helper.make_node("ReduceSum", ["emb"], ["s"], keepdims=0),
+         helper.make_node("Mul", ["s", "maskf"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 64]),
+         helper.make_tensor_value_info("mask", TensorProto.INT64, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        [table, numpy_helper.from_array(np.array([64], np.int64), "flat")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    assert index_bounds(model) == {"ids": 50}
+    x = seeded_inputs(onnx_input_specs(model), seed=0)
+    assert x["ids"].max() > 1 and x["ids"].max() < 50 and x["ids"].min() >= 0
+    assert set(np.unique(x["mask"])) <= {0, 1}
