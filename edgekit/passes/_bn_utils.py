@@ -20,16 +20,16 @@ node gets a fresh bias initializer). Every failed attempt returns a specific rea
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 
+from edgekit.passes._channel_axis import RESHAPES, axis_backward, axis_forward, rank_of
+from edgekit.passes._ir import const_array
 from edgekit.passes.core import PassReport
 
-_RESHAPES = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
 Plan = Callable[[], tuple[str, ir.Value]]  # applies a fold; returns (rule, value now == out)
 
 
@@ -61,14 +61,6 @@ class Names:
         return name
 
 
-def const_array(value: ir.Value | None) -> np.ndarray | None:
-    """The constant behind ``value`` (initializer or Constant), None if it can vary."""
-    if value is None or value.is_graph_input():  # an input-initializer can be overridden
-        return None
-    tensor = ir.convenience.get_const_tensor(value)
-    return None if tensor is None else tensor.numpy()
-
-
 def bn_scale_shift(node: ir.Node) -> tuple[np.ndarray, np.ndarray] | str:
     """``s = γ/√(σ²+ε)``, ``t = β − μ·s`` of an inference BatchNormalization, or why not."""
     if node.attributes.get_int("training_mode", 0):
@@ -84,78 +76,6 @@ def bn_scale_shift(node: ir.Node) -> tuple[np.ndarray, np.ndarray] | str:
     gamma, beta, mean, var = (p.astype(np.float64).reshape(-1) for p in params)
     s = gamma / np.sqrt(var + node.attributes.get_float("epsilon", 1e-5))
     return s, beta - mean * s
-
-
-def channel_vector(arr: np.ndarray, rank: int, axis: int) -> np.ndarray | None:
-    """``arr`` as a per-channel vector if it broadcasts only along ``axis`` of a rank tensor."""
-    if arr.ndim > rank:
-        return None
-    shape = (1,) * (rank - arr.ndim) + arr.shape
-    if any(d != 1 for i, d in enumerate(shape) if i != axis):
-        return None
-    return arr.astype(np.float64).reshape(-1)
-
-
-def _rank(value: ir.Value) -> int | None:
-    return None if value.shape is None else len(value.shape)
-
-
-def _reshape_axis(src: ir.Value, dst: ir.Value, axis: int) -> int | None:
-    """Where ``axis`` of ``src`` lands in ``dst``: same size, same elements before it."""
-    dims = [list(v.shape) if v.shape is not None else [None] for v in (src, dst)]
-    if not all(isinstance(d, int) for d in dims[0] + dims[1]):
-        return None
-    before, size, acc = math.prod(dims[0][:axis]), dims[0][axis], 1
-    for j, d in enumerate(dims[1]):
-        if acc == before and d == size:
-            return j
-        acc *= d
-        if acc > before:
-            return None
-    return None
-
-
-def _ints(node: ir.Node, name: str, input_index: int) -> list[int] | None:
-    """An ints attribute, or the same list given as a constant input (newer opsets)."""
-    if node.attributes.get(name) is not None:
-        return list(node.attributes.get_ints(name))
-    arr = const_array(node.inputs[input_index]) if len(node.inputs) > input_index else None
-    return None if arr is None else [int(i) for i in arr.reshape(-1)]
-
-
-def axis_forward(node: ir.Node, axis: int) -> int | None:
-    """The channel axis of ``node``'s output if ``node`` commutes with the affine on input 0."""
-    rank = _rank(node.inputs[0])
-    if node.op_type == "Transpose":
-        perm = node.attributes.get_ints("perm") or list(reversed(range(rank or 0)))
-        return list(perm).index(axis) if axis in perm else None
-    if node.op_type in _RESHAPES:
-        return _reshape_axis(node.inputs[0], node.outputs[0], axis)
-    if rank is None:
-        return None
-    if node.op_type == "ReduceMean":  # mean(a*x + b) = a*mean(x) + b off the channel axis
-        axes = [a % rank for a in _ints(node, "axes", 1) or []]
-        if not axes or axis in axes:
-            return None
-        kept = node.attributes.get_int("keepdims", 1)
-        return axis if kept else axis - sum(a < axis for a in axes)
-    if node.op_type == "Gather":
-        gather, indices = node.attributes.get_int("axis", 0) % rank, _rank(node.inputs[1])
-        if gather == axis or indices is None:
-            return None
-        return axis if axis < gather else axis - 1 + indices
-    if node.op_type == "Slice":
-        starts = _ints(node, "starts", 1)
-        axes = _ints(node, "axes", 3) or list(range(len(starts or [])))
-        return None if starts is None or axis in [a % rank for a in axes] else axis
-    return None
-
-
-def _axis_backward(node: ir.Node, axis: int) -> int | None:
-    if node.op_type == "Transpose":
-        perm = node.attributes.get_ints("perm") or list(reversed(range(_rank(node.inputs[0]) or 0)))
-        return perm[axis] if axis < len(perm) else None
-    return _reshape_axis(node.outputs[0], node.inputs[0], axis)
 
 
 def other_user(value: ir.Value, allowed: set[ir.Node]) -> str | None:
@@ -292,15 +212,15 @@ def plan_into_producer(graph: ir.Graph, names: Names, aff: ChannelAffine) -> Pla
         p = value.producer()
         if p is None:
             return f"{value.name!r} is a graph input"
-        if p.op_type not in ("Transpose", *_RESHAPES):
+        if p.op_type not in ("Transpose", *RESHAPES):
             break
-        axis = _axis_backward(p, axis)
+        axis = axis_backward(p, axis)
         if axis is None:
             return f"{p.op_type} {p.name!r} does not keep the channel axis"
         value, allowed = p.inputs[0], {p, *aff.nodes}  # pattern nodes die with the fold
-    if _rank(value) is None:
+    if rank_of(value) is None:
         return f"rank of {value.name!r} is unknown"
-    plan = _plan_producer(graph, names, p, axis, _rank(value), aff.scale, aff.shift)
+    plan = _plan_producer(graph, names, p, axis, rank_of(value), aff.scale, aff.shift)
     if isinstance(plan, str):
         return plan
 
@@ -382,9 +302,9 @@ def plan_into_consumers(graph: ir.Graph, names: Names, aff: ChannelAffine) -> Pl
             if out_axis is not None:
                 stack.append((node.outputs[0], out_axis))
                 continue
-            if _rank(value) is None:
+            if rank_of(value) is None:
                 return f"rank of {value.name!r} is unknown"
-            plan = _plan_consumer(graph, names, node, index, _rank(value), axis, aff.scale,
+            plan = _plan_consumer(graph, names, node, index, rank_of(value), axis, aff.scale,
                                   aff.shift)
             if isinstance(plan, str):
                 return plan
@@ -421,10 +341,10 @@ def remove_dead(graph: ir.Graph, nodes: list[ir.Node]) -> None:
 
 def decompose(graph: ir.Graph, names: Names, aff: ChannelAffine) -> ir.Value | str:
     """``Mul(src, a)`` then ``Add(., b)``, with ``a``/``b`` shaped to broadcast on the axis."""
-    if _rank(aff.src) is None:
+    if rank_of(aff.src) is None:
         return f"rank of {aff.src.name!r} is unknown"
     dtype = aff.src.dtype.numpy() if aff.src.dtype is not None else np.float32
-    shape = (-1,) + (1,) * (_rank(aff.src) - 1 - aff.axis)
+    shape = (-1,) + (1,) * (rank_of(aff.src) - 1 - aff.axis)
     scale, shift = (new_const(graph, names, f"{aff.name}_{base}", v.reshape(shape).astype(dtype))
                     for base, v in (("scale", aff.scale), ("shift", aff.shift)))
     mul = ir.node("Mul", [aff.src, scale], name=names.fresh(f"{aff.name}_mul"))

@@ -15,175 +15,31 @@ is not linear, a norm output that is itself the stream (Post-LN, e.g. BERT), or 
 stream value that does not go through a norm (the rewrites change the stream itself, so every
 other reader would see a different tensor).
 
-``Builder`` (named constants and nodes, ``redirect``), ``attr``, ``dims`` and ``ensure_shapes``
-are also used by the polynomial passes (``_poly``, ``poly_softmax``): keep their signatures.
+The IR helpers it uses (``Builder``, ``attr``, ``dims``, ...) live in ``_ir``.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import ShapeInferencePass
 
+from edgekit.passes._ir import (  # noqa: F401 - re-exported to the passes that use `rs.`
+    Builder,
+    attr,
+    axes_of,
+    const_array,
+    dims,
+    ensure_shapes,
+    index_of,
+    map_reshape,
+    onnx_opset,
+    sliced_axes,
+)
 from edgekit.passes.core import PassRefused
 
 _LAYOUT = {"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity"}
-
-
-def const_array(value: ir.Value | None) -> np.ndarray | None:
-    """The value's array if it is a constant (initializer or Constant node), else None."""
-    if value is None or value.is_graph_input():
-        return None
-    if value.const_value is not None:
-        return value.const_value.numpy()
-    node = value.producer()
-    if node is not None and node.op_type == "Constant" and "value" in node.attributes:
-        return node.attributes["value"].as_tensor().numpy()
-    return None
-
-
-def dims(value: ir.Value) -> tuple[int | str, ...]:
-    """Static-or-symbolic dims; refuses when the shape is unknown."""
-    if value.shape is None:
-        raise PassRefused(f"the shape of {value.name!r} is unknown", value.name or "")
-    return tuple(d if isinstance(d, int) else str(d) for d in value.shape)
-
-
-def attr(node: ir.Node, name: str, default):
-    a = node.attributes.get(name)
-    return default if a is None else a.value
-
-
-def axes_of(node: ir.Node, rank: int, input_index: int = 1) -> list[int] | None:
-    """Normalized ``axes`` of Reduce*/Slice/Squeeze (attribute or constant input)."""
-    axes = attr(node, "axes", None)
-    if axes is None and len(node.inputs) > input_index and node.inputs[input_index] is not None:
-        arr = const_array(node.inputs[input_index])
-        if arr is None:
-            return None
-        axes = arr.reshape(-1).tolist()
-    return None if axes is None else [int(a) % rank for a in axes]
-
-
-def sliced_axes(node: ir.Node, rank: int) -> list[int] | None:
-    """The axes a Slice (opset >= 10) slices; None when they are not constant."""
-    if index_of(node, 3):
-        return axes_of(node, rank, 3)
-    return list(range(dims(node.inputs[1])[0]))  # default: the first len(starts) axes
-
-
-def onnx_opset(model: ir.Model) -> int:
-    return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
-
-
-def ensure_shapes(model: ir.Model) -> None:
-    """Run ONNX shape inference when some node output has no shape (the walk needs them)."""
-    if any(v.shape is None for n in model.graph for v in n.outputs):
-        ShapeInferencePass()(model)
-
-
-def map_reshape(src: Sequence, dst: Sequence, dst_axis: int) -> int | None:
-    """Axis of ``src`` that a reshape to ``dst`` keeps whole as ``dst[dst_axis]``, or None.
-
-    In row-major order an axis survives a reshape intact iff it has the same size and the
-    same number of elements after it in both shapes.
-    """
-
-    def tail(shape: Sequence, i: int):
-        rest = shape[i + 1:]
-        return math.prod(rest) if all(isinstance(d, int) for d in rest) else tuple(rest)
-
-    for j, d in enumerate(src):
-        if d == dst[dst_axis] and tail(src, j) == tail(dst, dst_axis):
-            return j
-    return None
-
-
-class Builder:
-    """Adds uniquely named initializers and nodes to a graph."""
-
-    def __init__(self, graph: ir.Graph):
-        self.graph = graph
-        self._names = set(graph.initializers) | {v.name for v in graph.inputs}
-        self._names |= {v.name for n in ir.traversal.RecursiveGraphIterator(graph)
-                        for v in n.outputs}
-        self._names |= {n.name for n in graph}
-        self._small: dict[tuple, ir.Value] = {}
-
-    def fresh(self, hint: str | None) -> str:
-        base = hint or "edgekit"
-        name, i = base, 1
-        while name in self._names:
-            name, i = f"{base}_{i}", i + 1
-        self._names.add(name)
-        return name
-
-    def const(self, array: np.ndarray, hint: str | None) -> ir.Value:
-        name = self.fresh(hint)
-        tensor = ir.tensor(np.array(array, order="C"), name=name)  # keeps 0-d
-        value = ir.Value(name=name, shape=ir.Shape(array.shape),
-                         type=ir.TensorType(tensor.dtype), const_value=tensor)
-        self.graph.register_initializer(value)
-        return value
-
-    def scalar(self, number: float, dtype: np.dtype, hint: str) -> ir.Value:
-        """A shared scalar (or 1-element axes) constant."""
-        array = np.array(number, dtype=dtype)
-        key = (array.dtype.str, array.tobytes(), hint)
-        if key not in self._small:
-            self._small[key] = self.const(array.reshape(-1) if hint == "axes" else array, hint)
-        return self._small[key]
-
-    def set_const(self, node: ir.Node, index: int, array: np.ndarray) -> None:
-        """Give ``node`` its own new constant at ``index`` (never edits a shared one)."""
-        old = node.inputs[index]
-        node.replace_input_with(index, self.const(array, old.name if old else node.name))
-
-    def op(self, op_type: str, inputs: Sequence[ir.Value | None], attrs: dict | None = None,
-           *, at: ir.Node, after: bool = False, hint: str = "", like: ir.Value | None = None,
-           shape: Sequence | None = None) -> ir.Value:
-        """Insert one node before (or after) ``at``; its output gets ``like``'s dtype."""
-        name = self.fresh(f"{hint or at.name}_{op_type}")
-        node = ir.node(op_type, list(inputs), attrs or {}, name=name)
-        out = node.outputs[0]
-        out.name = self.fresh(name)
-        if like is not None and like.type is not None:
-            out.type = like.type
-        if shape is not None:
-            out.shape = ir.Shape(shape)
-        (self.graph.insert_after if after else self.graph.insert_before)(at, node)
-        return out
-
-    def redirect(self, old: ir.Value, new: ir.Value) -> None:
-        """Readers of ``old`` (but ``new``'s producer) read ``new``; graph outputs keep names."""
-        producer = new.producer()
-        for use in list(old.uses()):
-            if use.node is not producer:
-                use.node.replace_input_with(use.idx, new)
-        if old.is_graph_output():
-            outputs = self.graph.outputs
-            for i, v in enumerate(outputs):
-                if v is old:
-                    outputs[i] = new
-            name = old.name
-            old.name = self.fresh(f"{name}_inner")
-            new.name = name
-            new.type, new.shape = new.type or old.type, new.shape or old.shape
-
-    def reduce(self, op_type: str, x: ir.Value, opset: int, *, at: ir.Node, hint: str,
-               shape: Sequence | None = None) -> ir.Value:
-        """Reduce over the last axis with keepdims (axes as input from opset 18 / 13)."""
-        as_input = opset >= (13 if op_type == "ReduceSum" else 18)
-        if as_input:
-            axes = self.scalar(-1, np.dtype(np.int64), "axes")
-            return self.op(op_type, [x, axes], {"keepdims": 1}, at=at, hint=hint, like=x,
-                           shape=shape)
-        return self.op(op_type, [x], {"axes": [-1], "keepdims": 1}, at=at, hint=hint, like=x,
-                       shape=shape)
 
 
 @dataclass(frozen=True)
@@ -317,10 +173,6 @@ def trace_stream(starts: Iterable[tuple[ir.Value, int]], readers: set[ir.Node],
                                   f"stream value {value.name!r} without going through {norm}",
                                   use.node.name)
     return stream
-
-
-def index_of(node: ir.Node, i: int) -> bool:
-    return len(node.inputs) > i and node.inputs[i] is not None
 
 
 def _need(ok: bool, node: ir.Node, why: str) -> None:

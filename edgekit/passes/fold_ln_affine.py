@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from edgekit.passes import _residual as rs
+from edgekit.passes import _ir
 from edgekit.passes.core import Pass, PassContext, PassReport
 
 
@@ -42,12 +42,12 @@ class Reader:
 
 def layer_norm_affine(node: ir.Node) -> tuple[np.ndarray, np.ndarray | None, str]:
     """(γ, β or None, "") of a last-axis LayerNormalization, or (…, reason) if unusable."""
-    rank = len(rs.dims(node.inputs[0]))
-    gamma = rs.const_array(node.inputs[1])
-    beta = rs.const_array(node.inputs[2]) if rs.index_of(node, 2) else None
-    if rs.attr(node, "axis", -1) % rank != rank - 1:
+    rank = len(_ir.dims(node.inputs[0]))
+    gamma = _ir.const_array(node.inputs[1])
+    beta = _ir.const_array(node.inputs[2]) if _ir.index_of(node, 2) else None
+    if _ir.attr(node, "axis", -1) % rank != rank - 1:
         return np.empty(0), None, "it normalizes over more than the last axis"
-    if gamma is None or gamma.ndim != 1 or (rs.index_of(node, 2) and beta is None):
+    if gamma is None or gamma.ndim != 1 or (_ir.index_of(node, 2) and beta is None):
         return np.empty(0), None, "its scale or bias is not a constant vector"
     if any(v.uses() or v.is_graph_output() for v in node.outputs[1:]):
         return np.empty(0), None, "its mean / inverse-std outputs are used"
@@ -86,11 +86,11 @@ def shared_weight(readers: list[Reader]) -> str:
     return ""
 
 
-def fold_into(b: rs.Builder, readers: list[Reader], gamma: np.ndarray,
+def fold_into(b: _ir.Builder, readers: list[Reader], gamma: np.ndarray,
               beta: np.ndarray | None) -> None:
     """``W' = diag(γ)·W`` and ``b' = b + β·W`` for every reader (new constants)."""
     for r in readers:
-        w0 = rs.const_array(r.node.inputs[1])
+        w0 = _ir.const_array(r.node.inputs[1])
         w = w0.astype(np.float64)
         scale = gamma.astype(np.float64).reshape([-1 if i == r.axis else 1 for i in range(2)])
         b.set_const(r.node, 1, (w * scale).astype(w0.dtype))
@@ -98,13 +98,13 @@ def fold_into(b: rs.Builder, readers: list[Reader], gamma: np.ndarray,
             _add_bias(b, r.node, np.tensordot(beta.astype(np.float64), w, ([0], [r.axis])))
 
 
-def _add_bias(b: rs.Builder, node: ir.Node, extra: np.ndarray) -> None:
+def _add_bias(b: _ir.Builder, node: ir.Node, extra: np.ndarray) -> None:
     out = node.outputs[0]
-    dtype = rs.const_array(node.inputs[1]).dtype
-    if node.op_type == "Gemm" and rs.attr(node, "beta", 1.0) != 0:
-        c_extra = extra * rs.attr(node, "alpha", 1.0) / rs.attr(node, "beta", 1.0)
-        c = rs.const_array(node.inputs[2]) if rs.index_of(node, 2) else None
-        if not rs.index_of(node, 2):
+    dtype = _ir.const_array(node.inputs[1]).dtype
+    if node.op_type == "Gemm" and _ir.attr(node, "beta", 1.0) != 0:
+        c_extra = extra * _ir.attr(node, "alpha", 1.0) / _ir.attr(node, "beta", 1.0)
+        c = _ir.const_array(node.inputs[2]) if _ir.index_of(node, 2) else None
+        if not _ir.index_of(node, 2):
             node.resize_inputs(3)
             b.set_const(node, 2, c_extra.astype(dtype))
             return
@@ -115,11 +115,11 @@ def _add_bias(b: rs.Builder, node: ir.Node, extra: np.ndarray) -> None:
         uses = list(out.uses())
         if len(uses) == 1 and uses[0].node.op_type == "Add" and not out.is_graph_output():
             add, i = uses[0].node, 1 - uses[0].idx
-            bias = rs.const_array(add.inputs[i])
+            bias = _ir.const_array(add.inputs[i])
             if bias is not None and np.broadcast_shapes(bias.shape, extra.shape) == bias.shape:
                 b.set_const(add, i, (bias + extra).astype(bias.dtype))
                 return
-    extra *= rs.attr(node, "alpha", 1.0) if node.op_type == "Gemm" else 1.0
+    extra *= _ir.attr(node, "alpha", 1.0) if node.op_type == "Gemm" else 1.0
     bias = b.const(extra.astype(dtype), f"{node.name}_bias")
     new = b.op("Add", [out, bias], at=node, after=True, like=out, shape=out.shape)
     b.redirect(out, new)
@@ -128,12 +128,12 @@ def _add_bias(b: rs.Builder, node: ir.Node, extra: np.ndarray) -> None:
 def _contraction_axis(node: ir.Node, width: int) -> int | None:
     if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm"):
         return None
-    w = rs.const_array(node.inputs[1])
+    w = _ir.const_array(node.inputs[1])
     if w is None or w.ndim != 2:
         return None
-    if node.op_type == "Gemm" and rs.attr(node, "transA", 0):
+    if node.op_type == "Gemm" and _ir.attr(node, "transA", 0):
         return None
-    axis = 1 if node.op_type == "Gemm" and rs.attr(node, "transB", 0) else 0
+    axis = 1 if node.op_type == "Gemm" and _ir.attr(node, "transB", 0) else 0
     return axis if w.shape[axis] == width else None
 
 
@@ -141,26 +141,26 @@ def _keeps_last_axis(node: ir.Node, value: ir.Value) -> bool:
     """Whether ``node`` only picks or moves rows of ``value`` (its input 0), last axis kept."""
     if node.domain not in ("", "ai.onnx") or not node.outputs:
         return False
-    rank, op = len(rs.dims(value)), node.op_type
+    rank, op = len(_ir.dims(value)), node.op_type
     if op == "Identity":
         return True
     if op == "Transpose":
-        return rs.attr(node, "perm", list(reversed(range(rank))))[-1] == rank - 1
+        return _ir.attr(node, "perm", list(reversed(range(rank))))[-1] == rank - 1
     if op == "Gather":
-        return rs.attr(node, "axis", 0) % rank != rank - 1
+        return _ir.attr(node, "axis", 0) % rank != rank - 1
     if op == "Slice":
-        axes = rs.sliced_axes(node, rank)
+        axes = _ir.sliced_axes(node, rank)
         return axes is not None and rank - 1 not in axes
     if op in ("Reshape", "Squeeze", "Unsqueeze", "Flatten"):
-        out = rs.dims(node.outputs[0])
-        return rs.map_reshape(rs.dims(value), out, len(out) - 1) == rank - 1
+        out = _ir.dims(node.outputs[0])
+        return _ir.map_reshape(_ir.dims(value), out, len(out) - 1) == rank - 1
     return False
 
 
 def apply(model: ir.Model, ctx: PassContext) -> PassReport:
     report = PassReport()
-    rs.ensure_shapes(model)
-    b = rs.Builder(model.graph)
+    _ir.ensure_shapes(model)
+    b = _ir.Builder(model.graph)
     folded: dict[str, list[str]] = {}
     for ln in [n for n in model.graph if n.op_type == "LayerNormalization" and n.domain == ""]:
         gamma, beta, why = layer_norm_affine(ln)

@@ -35,11 +35,11 @@ from edgekit.passes._bn_utils import (
     ChannelAffine,
     Names,
     bn_scale_shift,
-    channel_vector,
-    const_array,
     fold_affine,
     other_user,
 )
+from edgekit.passes._channel_axis import channel_vector
+from edgekit.passes._ir import const_array
 from edgekit.passes.core import Pass, PassContext, PassRefused, PassReport
 
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from edgekit.passes import _ir
 from edgekit.passes import _residual as rs
 from edgekit.passes.core import Pass, PassContext, PassRefused, PassReport
 from edgekit.passes.fold_ln_affine import fold_into, layer_norm_affine, linear_readers
@@ -43,12 +44,12 @@ from edgekit.passes.fold_ln_affine import fold_into, layer_norm_affine, linear_r
 DECOMPOSED = "Pow, ReduceMean, Add, Sqrt, Div"
 
 
-def recentre(b: rs.Builder, stream: rs.Stream) -> list[str]:
+def recentre(b: _ir.Builder, stream: rs.Stream) -> list[str]:
     """Subtract each writer's mean over the channel axis; returns the constants it untied."""
     untied = []
     for slot in stream.slots:
         value = slot.node.inputs[slot.index]
-        arr = rs.const_array(value)
+        arr = _ir.const_array(value)
         if slot.axis is None:  # uniform along the channel: its centred version is zero
             new = np.zeros_like(arr)
         else:
@@ -60,7 +61,7 @@ def recentre(b: rs.Builder, stream: rs.Stream) -> list[str]:
     return untied
 
 
-def fold_layer_scales(b: rs.Builder, graph: ir.Graph) -> list[str]:
+def fold_layer_scales(b: _ir.Builder, graph: ir.Graph) -> list[str]:
     """LayerScale ``(x·W + c) ⊙ s`` feeding an Add becomes ``x·(W·diag(s)) + c ⊙ s`` (exact).
 
     Recipe step 2: a per-channel scale on a branch would otherwise hide its writer.
@@ -70,18 +71,18 @@ def fold_layer_scales(b: rs.Builder, graph: ir.Graph) -> list[str]:
         if not any(u.node.op_type == "Add" for u in mul.outputs[0].uses()):
             continue
         for i in (0, 1):
-            scale, (node, bias) = rs.const_array(mul.inputs[1 - i]), _linear(mul.inputs[i])
+            scale, (node, bias) = _ir.const_array(mul.inputs[1 - i]), _linear(mul.inputs[i])
             if node is None or scale is None or not 1 < scale.size == scale.shape[-1]:
                 continue  # scalars need no fold: they keep the stream's mean zero
             s = scale.reshape(-1).astype(np.float64)
-            w = rs.const_array(node.inputs[1])
-            axis = 0 if node.op_type == "Gemm" and rs.attr(node, "transB", 0) else w.ndim - 1
+            w = _ir.const_array(node.inputs[1])
+            axis = 0 if node.op_type == "Gemm" and _ir.attr(node, "transB", 0) else w.ndim - 1
             if w.shape[axis] != s.size:
                 continue
             shape = [-1 if a == axis else 1 for a in range(w.ndim)]
             b.set_const(node, 1, (w * s.reshape(shape)).astype(w.dtype))
             if bias is not None:
-                c = rs.const_array(bias[0].inputs[bias[1]])
+                c = _ir.const_array(bias[0].inputs[bias[1]])
                 b.set_const(*bias, (c * s).astype(c.dtype))
             b.redirect(mul.outputs[0], mul.inputs[i])
             graph.remove(mul, safe=True)
@@ -96,24 +97,24 @@ def _linear(y: ir.Value) -> tuple[ir.Node | None, tuple[ir.Node, int] | None]:
     if len(y.uses()) != 1 or node is None:
         return None, None
     if node.op_type == "Add":
-        i = next((i for i in (0, 1) if rs.const_array(node.inputs[i]) is not None), None)
+        i = next((i for i in (0, 1) if _ir.const_array(node.inputs[i]) is not None), None)
         inner = node.inputs[1 - i] if i is not None else None
         if inner is None or len(inner.uses()) != 1 or inner.producer() is None:
             return None, None
         node, bias = inner.producer(), (node, i)
-    if node.op_type == "Gemm" and rs.index_of(node, 2):
+    if node.op_type == "Gemm" and _ir.index_of(node, 2):
         bias = None if bias else (node, 2)  # Gemm(+C) followed by another bias: not folded
-        if bias is None or rs.const_array(node.inputs[2]) is None:
+        if bias is None or _ir.const_array(node.inputs[2]) is None:
             return None, None
-    if node.op_type not in ("MatMul", "Gemm") or rs.const_array(node.inputs[1]) is None:
+    if node.op_type not in ("MatMul", "Gemm") or _ir.const_array(node.inputs[1]) is None:
         return None, None
     return node, bias
 
 
-def emit_rms(b: rs.Builder, at: ir.Node, x: ir.Value, eps: float, gamma: np.ndarray | None,
+def emit_rms(b: _ir.Builder, at: ir.Node, x: ir.Value, eps: float, gamma: np.ndarray | None,
              beta: np.ndarray | None, opset: int, fused: bool, stash: int = 1) -> ir.Value:
     """``RMSNorm(x)·γ + β`` over the last axis, inserted before ``at``; γ/β may be None."""
-    dtype = (gamma if gamma is not None else rs.const_array(at.inputs[1])).dtype
+    dtype = (gamma if gamma is not None else _ir.const_array(at.inputs[1])).dtype
     hint, shape = at.name, x.shape
     if fused and opset >= 23:
         scale = b.const(gamma if gamma is not None else np.ones(x.shape[-1], dtype),
@@ -142,7 +143,7 @@ def emit_rms(b: rs.Builder, at: ir.Node, x: ir.Value, eps: float, gamma: np.ndar
 
 def apply(model: ir.Model, ctx: PassContext, fused: bool = True) -> PassReport:
     report = PassReport()
-    rs.ensure_shapes(model)
+    _ir.ensure_shapes(model)
     graph = model.graph
     lns = [n for n in graph if n.op_type == "LayerNormalization" and n.domain in ("", "ai.onnx")]
     if not lns:
@@ -153,7 +154,7 @@ def apply(model: ir.Model, ctx: PassContext, fused: bool = True) -> PassReport:
         if why:
             raise PassRefused(f"LayerNormalization {ln.name!r}: {why}", ln.name)
         affine[ln] = (gamma, beta)
-    b = rs.Builder(graph)
+    b = _ir.Builder(graph)
     layer_scales = fold_layer_scales(b, graph)
     if layer_scales:
         report.change("fold-layer-scale", len(layer_scales))
@@ -162,7 +163,7 @@ def apply(model: ir.Model, ctx: PassContext, fused: bool = True) -> PassReport:
     writers = [s.label for s in stream.slots]
     untied = recentre(b, stream)
     report.change("recentre-writer", len(stream.slots))
-    opset = rs.onnx_opset(model)
+    opset = _ir.onnx_opset(model)
     kept = []
     for ln in lns:
         gamma, beta = affine[ln]
@@ -177,8 +178,8 @@ def apply(model: ir.Model, ctx: PassContext, fused: bool = True) -> PassReport:
             fold_into(b, readers, gamma, beta)  # new constants: shared weights get untied
             report.change("fold-ln-affine")
             gamma = beta = None
-        y = emit_rms(b, ln, ln.inputs[0], rs.attr(ln, "epsilon", 1e-5), gamma, beta, opset,
-                     fused, rs.attr(ln, "stash_type", 1))
+        y = emit_rms(b, ln, ln.inputs[0], _ir.attr(ln, "epsilon", 1e-5), gamma, beta, opset,
+                     fused, _ir.attr(ln, "stash_type", 1))
         b.redirect(ln.outputs[0], y)
         graph.remove(ln, safe=True)
         report.change("ln-to-rmsnorm")

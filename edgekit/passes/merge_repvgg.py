@@ -29,13 +29,13 @@ import onnx_ir as ir
 from edgekit.passes._bn_utils import (
     Names,
     bn_scale_shift,
-    channel_vector,
-    const_array,
     new_const,
     other_user,
     remove_dead,
     replace_value,
 )
+from edgekit.passes._channel_axis import channel_vector
+from edgekit.passes._ir import const_array
 from edgekit.passes.core import Pass, PassContext, PassRefused, PassReport
 
 

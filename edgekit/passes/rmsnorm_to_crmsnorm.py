@@ -34,6 +34,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
+from edgekit.passes import _ir
 from edgekit.passes import _residual as rs
 from edgekit.passes.core import Pass, PassContext, PassRefused, PassReport
 from edgekit.passes.fold_ln_affine import Reader, fold_into, linear_readers
@@ -56,7 +57,7 @@ class Norm:
 
 
 def _scalar(value: ir.Value | None) -> float | None:
-    arr = rs.const_array(value)
+    arr = _ir.const_array(value)
     return float(arr.reshape(-1)[0]) if arr is not None and arr.size == 1 else None
 
 
@@ -70,15 +71,15 @@ def match_norm(node: ir.Node) -> Norm | None:
     if node.domain not in ("", "ai.onnx"):
         return None
     if node.op_type == "RMSNormalization":
-        x, scale = node.inputs[0], rs.const_array(node.inputs[1])
-        width, rank = rs.dims(x)[-1], len(rs.dims(x))
-        if (rs.attr(node, "axis", -1) % rank != rank - 1 or scale is None
+        x, scale = node.inputs[0], _ir.const_array(node.inputs[1])
+        width, rank = _ir.dims(x)[-1], len(_ir.dims(x))
+        if (_ir.attr(node, "axis", -1) % rank != rank - 1 or scale is None
                 or scale.size != width or len(node.outputs) != 1):
             return None
-        norm = Norm(node, x, node.outputs[0], width, rs.attr(node, "epsilon", 1e-5), [node],
+        norm = Norm(node, x, node.outputs[0], width, _ir.attr(node, "epsilon", 1e-5), [node],
                     [node.outputs[0]], None if np.all(scale == 1) else scale.reshape(-1))
         return _affine_tail(norm)
-    if node.op_type != "ReduceMean" or rs.attr(node, "keepdims", 1) != 1:
+    if node.op_type != "ReduceMean" or _ir.attr(node, "keepdims", 1) != 1:
         return None
     square = node.inputs[0].producer()
     if square is None or _only_use(square.outputs[0]) is not node:
@@ -87,9 +88,9 @@ def match_norm(node: ir.Node) -> Norm | None:
     if not ((square.op_type == "Pow" and _scalar(square.inputs[1]) == 2)
             or (square.op_type == "Mul" and square.inputs[1] is x)):
         return None
-    width, rank = rs.dims(x)[-1], len(rs.dims(x))
+    width, rank = _ir.dims(x)[-1], len(_ir.dims(x))
     add = _only_use(node.outputs[0])
-    if (not isinstance(width, int) or rs.axes_of(node, rank) != [rank - 1] or add is None
+    if (not isinstance(width, int) or _ir.axes_of(node, rank) != [rank - 1] or add is None
             or add.op_type != "Add"):
         return None
     eps = _scalar(add.inputs[1] if add.inputs[0] is node.outputs[0] else add.inputs[0])
@@ -118,7 +119,7 @@ def _affine_tail(norm: Norm) -> Norm:
         if nxt is None or nxt.op_type != op or nxt.domain not in ("", "ai.onnx"):
             continue
         other = nxt.inputs[1] if nxt.inputs[0] is norm.y else nxt.inputs[0]
-        arr = rs.const_array(other)
+        arr = _ir.const_array(other)
         if arr is None or arr.size != norm.width or arr.shape[-1] != norm.width:
             continue
         if op == "Mul":
@@ -132,7 +133,7 @@ def _affine_tail(norm: Norm) -> Norm:
 
 def zero_mean_error(slot: rs.Slot) -> float:
     """max |sum_c w| / sum_c |w| over the rows of a writer (inf: uniform and non-zero)."""
-    arr = rs.const_array(slot.node.inputs[slot.index]).astype(np.float64)
+    arr = _ir.const_array(slot.node.inputs[slot.index]).astype(np.float64)
     if slot.axis is None:
         return float("inf") if np.any(arr) else 0.0
     total, scale = np.abs(arr.sum(axis=slot.axis)), np.abs(arr).sum(axis=slot.axis)
@@ -147,11 +148,11 @@ def _narrow_shapes(nodes: list[ir.Node], axis_of) -> list[tuple[ir.Node, np.ndar
             continue
         out = node.outputs[0]
         axis, width = axis_of(out)
-        shape = rs.const_array(node.inputs[1])
+        shape = _ir.const_array(node.inputs[1])
         if shape is None:
             raise PassRefused(f"{node.name!r} ({node.op_type}) has a computed shape, so the "
                               "normalized width cannot be narrowed", node.name)
-        pos = axis - (len(rs.dims(out)) - shape.size)
+        pos = axis - (len(_ir.dims(out)) - shape.size)
         if pos >= 0 and shape[pos] == width:
             new = shape.copy()
             new[pos] = width - 1
@@ -159,7 +160,7 @@ def _narrow_shapes(nodes: list[ir.Node], axis_of) -> list[tuple[ir.Node, np.ndar
     return edits
 
 
-def _narrow(b: rs.Builder, edits, values: dict[ir.Value, tuple[int, int]]) -> None:
+def _narrow(b: _ir.Builder, edits, values: dict[ir.Value, tuple[int, int]]) -> None:
     for node, shape in edits:
         b.set_const(node, 1, shape)
     for value, (axis, width) in values.items():
@@ -168,7 +169,7 @@ def _narrow(b: rs.Builder, edits, values: dict[ir.Value, tuple[int, int]]) -> No
                                     for i, d in enumerate(value.shape)])
 
 
-def emit_crms(b: rs.Builder, norm: Norm, opset: int) -> ir.Value:
+def emit_crms(b: _ir.Builder, norm: Norm, opset: int) -> ir.Value:
     x, at, hint = norm.x, norm.first, norm.first.name
     dtype, shape = x.dtype.numpy(), x.shape
     red = [*shape[:-1], 1] if shape is not None else None
@@ -185,23 +186,23 @@ def emit_crms(b: rs.Builder, norm: Norm, opset: int) -> ir.Value:
     return op("Div", x, rms, out_shape=shape)
 
 
-def _narrow_readers(b: rs.Builder, norm: Norm, readers: list[Reader], opset: int) -> None:
+def _narrow_readers(b: _ir.Builder, norm: Norm, readers: list[Reader], opset: int) -> None:
     path = list(dict.fromkeys(n for r in readers for n in r.path))  # unique, in order
-    edits = _narrow_shapes(path, lambda v: (len(rs.dims(v)) - 1, norm.width))
+    edits = _narrow_shapes(path, lambda v: (len(_ir.dims(v)) - 1, norm.width))
     if norm.gamma is not None or norm.beta is not None:
         gamma = np.ones(norm.width) if norm.gamma is None else norm.gamma
         fold_into(b, readers, gamma, norm.beta)
     for r in readers:
-        w = rs.const_array(r.node.inputs[1])
+        w = _ir.const_array(r.node.inputs[1])
         wide = w.astype(np.float64)
         last = np.take(wide, [norm.width - 1], axis=r.axis)
         narrow = np.take(wide, range(norm.width - 1), axis=r.axis) - last
         b.set_const(r.node, 1, narrow.astype(w.dtype))
-    _narrow(b, edits, {n.outputs[0]: (len(rs.dims(n.outputs[0])) - 1, norm.width) for n in path})
+    _narrow(b, edits, {n.outputs[0]: (len(_ir.dims(n.outputs[0])) - 1, norm.width) for n in path})
     b.redirect(norm.y, emit_crms(b, norm, opset))
 
 
-def _rebuild(b: rs.Builder, norm: Norm, opset: int) -> None:
+def _rebuild(b: _ir.Builder, norm: Norm, opset: int) -> None:
     z = emit_crms(b, norm, opset)
     at, hint = norm.first, norm.first.name
     last = b.reduce("ReduceSum", z, opset, at=at, hint=hint)
@@ -216,7 +217,7 @@ def _rebuild(b: rs.Builder, norm: Norm, opset: int) -> None:
 
 def apply(model: ir.Model, ctx: PassContext, zero_mean_tol: float = 1e-4) -> PassReport:
     report = PassReport()
-    rs.ensure_shapes(model)
+    _ir.ensure_shapes(model)
     graph = model.graph
     norms = [n for n in map(match_norm, list(graph)) if n is not None]
     if not norms:
@@ -234,14 +235,14 @@ def apply(model: ir.Model, ctx: PassContext, zero_mean_tol: float = 1e-4) -> Pas
                 f"(|sum| / sum|.| = {err:.3g} > {zero_mean_tol:g}): CRMSNorm needs a "
                 "recentred stream (ln-to-rmsnorm produces one)", slot.node.name)
         worst = max(worst, err)
-    b = rs.Builder(graph)
+    b = _ir.Builder(graph)
     _narrow(b, _narrow_shapes(stream.nodes, stream.axes.__getitem__), stream.axes)
     for slot in stream.slots:
-        arr = rs.const_array(slot.node.inputs[slot.index])
+        arr = _ir.const_array(slot.node.inputs[slot.index])
         if slot.axis is not None:
             b.set_const(slot.node, slot.index, np.take(arr, range(slot.width - 1), slot.axis))
     report.change("narrow-writer", len(stream.slots))
-    opset, rebuilt = rs.onnx_opset(model), []
+    opset, rebuilt = _ir.onnx_opset(model), []
     for norm in norms:
         readers, why = linear_readers(norm.y, norm.width)
         if not why:

@@ -217,7 +217,7 @@ def naive_rmsnorm(model: onnx.ModelProto) -> onnx.ModelProto:
     """Every LayerNormalization replaced by RMSNorm·γ + β WITHOUT recentring the stream."""
     import onnx_ir as ir
 
-    from edgekit.passes._residual import Builder, attr, const_array, onnx_opset
+    from edgekit.passes._ir import Builder, attr, const_array, onnx_opset
     from edgekit.passes.ln_to_rmsnorm import emit_rms
 
     work = ir.from_proto(model)
