@@ -94,3 +94,18 @@ def test_cli_json_verdicts(tmp_path, add_relu_onnx):
     assert missing.exit_code == 1 and missing.output.startswith("error: ")
     plain = runner.invoke(cli, ["he-check", str(good), "--plain", "nope"])
     assert plain.exit_code == 1 and "not an input" in plain.output
+
+
+def test_attention_block_depth_before_and_after_poly_softmax():
+    """The softmax is the only offender; after poly-softmax the block's depth is the
+    projections (1) + QKᵀ (1) + the softmax design + AV (1) + the output projection (1)."""
+    from edgekit.he.models import attention_block, poly_attention_block
+
+    before = check(attention_block(seq=4, width=8, heads=2))
+    assert [(o.node, o.op) for o in before.offenders] == [("softmax", "Softmax")]
+    assert "poly-softmax" in before.offenders[0].reason
+    _, poly, details = poly_attention_block(seq=4, width=8, heads=2, calibration=8)
+    after = check(poly)
+    assert after.he_friendly
+    assert after.depth == 4 + details["replaced"]["softmax"]["depth"]
+    assert after.tensors["scores"].depth == 2 and after.tensors["scores"].degree == 2

@@ -49,13 +49,21 @@ def he_check_cmd(onnx_file: Path, plain: tuple[str, ...], as_json: bool) -> None
 @click.option("--input", "inputs", multiple=True, metavar="NAME=FILE.npy", required=True,
               help="Input array (repeatable).")
 @_plain_option
-@click.option("--scale-bits", type=click.IntRange(20, 60), default=40, show_default=True,
-              help="CKKS scale (bits of each rescaling prime).")
+@click.option("--scale-bits", type=click.IntRange(20, 60), default=None,
+              help="CKKS scale (bits of each rescaling prime); default 40, or fewer (≥ 30) "
+                   "when the depth needs more levels than 40-bit primes allow.")
+@click.option("--packed", is_flag=True,
+              help="Put the token axis (-2) of the inputs in the slots (transformer blocks: "
+                   "attention with QKᵀ and AV); default: one ciphertext per element.")
+@click.option("--trace", is_flag=True,
+              help="Decrypt every intermediate ciphertext and print its error against the "
+                   "plaintext onnxruntime run (debugging; the client sees everything).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the decrypted outputs to this .npz.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def he_run_cmd(onnx_file: Path, inputs: tuple[str, ...], plain: tuple[str, ...],
-               scale_bits: int, output: Path | None, as_json: bool) -> None:
+               scale_bits: int | None, packed: bool, trace: bool, output: Path | None,
+               as_json: bool) -> None:
     """Run an HE-friendly model under CKKS (TenSEAL) and compare with onnxruntime.
 
     The inputs are encrypted (client), the graph is evaluated on ciphertexts with plaintext
@@ -65,6 +73,7 @@ def he_run_cmd(onnx_file: Path, inputs: tuple[str, ...], plain: tuple[str, ...],
     \b
     Example:
       edgekit he-run mlp.onnx --input x=x.npy
+      edgekit he-run attention-poly.onnx --input x=x.npy --packed --trace
     """
     import numpy as np
 
@@ -74,7 +83,7 @@ def he_run_cmd(onnx_file: Path, inputs: tuple[str, ...], plain: tuple[str, ...],
 
     model = intake.load_onnx(onnx_file)
     feeds = parse_named_arrays(inputs)
-    result = ckks.run(model, feeds, plain, scale_bits)
+    result = ckks.run(model, feeds, plain, scale_bits, packed=packed, trace=trace)
     ref = run_ort(model, feeds)
     names = [o.name for o in model.graph.output]
     errors = {n: float(np.linalg.norm(out - r) / max(np.linalg.norm(r), 1e-30))
@@ -82,14 +91,20 @@ def he_run_cmd(onnx_file: Path, inputs: tuple[str, ...], plain: tuple[str, ...],
     if output is not None:
         np.savez(output, **dict(zip(names, result.outputs, strict=True)))
     data = {"params": result.params.to_dict(), "depth": result.depth,
+            "packing": result.packing,
             "seconds": {k: round(v, 4) for k, v in result.seconds.items()},
             "relative_error": errors}
+    if result.trace is not None:
+        data["trace"] = [row.to_dict() for row in result.trace]
     if as_json:
         print_json(data)
         return
+    for row in result.trace or []:
+        click.echo(f"trace {row.name:<28} {row.op:<10} {row.layout:<7} levels left "
+                   f"{row.levels_left:>2}  rel err {row.rel_error:.2e}  max abs {row.max_abs:.2e}")
     p = result.params
     click.echo(f"CKKS ring degree {p.ring_degree}, modulus {p.coeff_mod_bit_sizes} "
-               f"(depth {result.depth})")
+               f"(depth {result.depth}, {result.packing} packing)")
     click.echo("time: " + ", ".join(f"{k} {v:.3f}s" for k, v in result.seconds.items()))
     for n, e in errors.items():
         click.echo(f"{n}: relative error vs onnxruntime {e:.2e}")

@@ -1,17 +1,20 @@
-"""Run an HE-friendly ONNX graph under CKKS with TenSEAL: encrypt, evaluate, decrypt.
+"""Run an HE-friendly ONNX graph under CKKS: encrypt, evaluate, decrypt.
 
-Packing: one ciphertext per tensor element, with the slots holding independent samples (the
-batch). Every ONNX op then maps onto element-wise ciphertext arithmetic over numpy object
-arrays: layout ops move ciphertexts around for free, MatMul/Gemm with plaintext weights are
-sums of ciphertext × scalar products, ct×ct MatMul sums ciphertext products. Plaintext-only
-nodes (weights, shapes) run in the clear with onnx's reference evaluator. Simple and general,
-and slow: the cost is one ciphertext operation per scalar multiply-add of the model, so it
-suits small models and blocks, not whole transformers.
+Two packings. Per element (the default): one ciphertext per tensor element, the slots holding
+independent samples (the batch); every ONNX op maps onto element-wise ciphertext arithmetic
+over numpy object arrays: layout ops move ciphertexts around for free, MatMul/Gemm with
+plaintext weights are sums of ciphertext × scalar products (one rescale per sum), ct×ct MatMul
+sums ciphertext products. Simple and general, and slow: one ciphertext operation per scalar
+multiply-add, so it suits small models. Token-packed (``packed=True``, edgekit.he.packed):
+the sequence axis of a transformer block lives in the slots, for attention blocks.
+Plaintext-only nodes (weights, shapes) run in the clear with onnx's reference evaluator.
 
 Parameters come from the checker's depth: ``depth`` rescaling primes of ``scale_bits`` bits
-between two 60-bit primes, and the smallest ring degree whose modulus budget (128-bit
-security, SEAL's table) holds them. The client (``encrypt``/``decrypt``) and the server
-(``evaluate``) share only the public context.
+(40, or fewer — down to 30 — when 40 does not fit) between a first prime ``HEADROOM`` bits
+above the scale (at most 60) and a 60-bit key-switching prime, and the smallest
+ring degree whose modulus budget (128-bit security, SEAL's table) holds them. Ciphertexts
+keep exact scales (edgekit.he.seal). The client (``encrypt``/``decrypt``) and the server
+(``evaluate``) share only the public keys.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from onnx import numpy_helper
 
 from edgekit.errors import EdgekitError
 from edgekit.he.check import check
+from edgekit.he.seal import Engine
 
 MAX_BITS = {4096: 109, 8192: 218, 16384: 438, 32768: 881}  # 128-bit security (SEAL)
 
@@ -41,42 +45,46 @@ class Params:
                 "scale_bits": self.scale_bits, "levels": len(self.coeff_mod_bit_sizes) - 2}
 
 
-def choose_params(depth: int, scale_bits: int = 40) -> Params:
-    """The smallest ring with ``depth`` levels of ``scale_bits`` bits at 128-bit security."""
-    bits = [60] + [scale_bits] * depth + [60]
-    for n, limit in MAX_BITS.items():
-        if sum(bits) <= limit and n >= 8192:
-            return Params(n, bits, scale_bits)
-    most = (MAX_BITS[32768] - 120) // scale_bits
+MIN_SCALE_BITS = 30  # below this the rescaling noise reaches the 1e-4 range
+# bits of the first prime above the scale: decrypted values must stay below 2^HEADROOM / 2.
+# Not 60 regardless: a rotation's key-switching noise grows with first prime / special prime
+# (measured at 30-bit scale, ring 32768: 2e-3 absolute per rotation with a 60-bit first prime)
+HEADROOM = 20
+
+
+def choose_params(depth: int, scale_bits: int | None = None) -> Params:
+    """The smallest ring with ``depth`` levels of ``scale_bits`` bits at 128-bit security.
+
+    Without ``scale_bits``: 40 bits, or the most bits (≥ 30) that fit ring 32768.
+    """
+    choices = [scale_bits] if scale_bits else [40, *range(39, MIN_SCALE_BITS - 1, -1)]
+    for bits_each in choices:
+        bits = [min(60, bits_each + HEADROOM)] + [bits_each] * depth + [60]
+        for n, limit in MAX_BITS.items():
+            if sum(bits) <= limit and n >= 8192:
+                return Params(n, bits, bits_each)
+    least = scale_bits or MIN_SCALE_BITS
+    most = (MAX_BITS[32768] - 60 - min(60, least + HEADROOM)) // least
     raise EdgekitError(f"multiplicative depth {depth} needs more than the {most} levels of "
-                       f"{scale_bits} bits that CKKS holds at ring degree 32768 without "
+                       f"{least} bits that CKKS holds at ring degree 32768 without "
                        "bootstrapping (TenSEAL has none): reduce degrees / iterations")
 
 
-def make_context(params: Params):
-    try:
-        import tenseal as ts
-    except ImportError:
-        raise EdgekitError("TenSEAL is not installed: pip install tenseal") from None
-    ctx = ts.context(ts.SCHEME_TYPE.CKKS, params.ring_degree,
-                     coeff_mod_bit_sizes=params.coeff_mod_bit_sizes)
-    ctx.global_scale = 2.0 ** params.scale_bits
-    return ctx
+def make_engine(params: Params, rotations=()) -> Engine:
+    return Engine(params.ring_degree, params.coeff_mod_bit_sizes, params.scale_bits, rotations)
 
 
-def encrypt(ctx, batch: np.ndarray) -> np.ndarray:
+def encrypt(engine: Engine, batch: np.ndarray) -> np.ndarray:
     """(samples, *shape) floats -> object array of shape ``shape`` of ciphertexts."""
-    import tenseal as ts
-
     flat = np.asarray(batch, dtype=np.float64).reshape(batch.shape[0], -1)
     cts = np.empty(flat.shape[1], dtype=object)
     for i in range(flat.shape[1]):
-        cts[i] = ts.ckks_vector(ctx, flat[:, i].tolist())
+        cts[i] = engine.encrypt(flat[:, i])
     return cts.reshape(batch.shape[1:])
 
 
 def decrypt(cts: np.ndarray, samples: int) -> np.ndarray:
-    flat = [np.asarray(c.decrypt()[:samples]) for c in cts.reshape(-1)]
+    flat = [c.e.decrypt(c)[:samples] for c in cts.reshape(-1)]
     return np.stack(flat, axis=1).reshape((samples, *cts.shape))
 
 
@@ -115,6 +123,14 @@ def _mul(a, b):
 
 
 def _matmul(a, b):
+    if _is_ct(a) and not _is_ct(b) and np.ndim(b) == 2 and a.ndim >= 1:
+        w = np.asarray(b, dtype=np.float64)  # Σ wᵢ·xᵢ with one rescale per output
+        out = np.empty((*a.shape[:-1], w.shape[1]), dtype=object)
+        for o in np.ndindex(*a.shape[:-1]):
+            row = list(a[o])
+            for j in range(w.shape[1]):
+                out[(*o, j)] = row[0].e.lincomb(row, list(w[:, j]))
+        return out
     a = a if _is_ct(a) else _obj(a)
     b = b if _is_ct(b) else _obj(b)
     return np.matmul(a, b)
@@ -203,13 +219,33 @@ def _ct_node(node: onnx.NodeProto, args: list) -> np.ndarray:
     raise EdgekitError(f"the CKKS runner does not evaluate {op} (node {node.name!r})")
 
 
-def evaluate(model: onnx.ModelProto, feeds: dict[str, Any]) -> list[Any]:
-    """Server side: evaluate the graph on ciphertext (object arrays) and plaintext feeds."""
+def _last_uses(model: onnx.ModelProto) -> dict[int, list[str]]:
+    """Node index -> the values it reads for the last time (graph outputs are kept)."""
+    keep = {o.name for o in model.graph.output}
+    last: dict[str, int] = {}
+    for step, node in enumerate(model.graph.node):
+        for name in node.input:
+            if name and name not in keep:
+                last[name] = step
+    out: dict[int, list[str]] = {}
+    for name, step in last.items():
+        out.setdefault(step, []).append(name)
+    return out
+
+
+def evaluate(model: onnx.ModelProto, feeds: dict[str, Any], trace=None) -> list[Any]:
+    """Server side: evaluate the graph on ciphertext (object arrays) and plaintext feeds.
+
+    ``trace(node, value)`` is called with every ciphertext result (debugging: it decrypts).
+    """
     values: dict[str, Any] = dict(feeds)
     for init in model.graph.initializer:
         values[init.name] = numpy_helper.to_array(init)
-    for node in model.graph.node:
+    last = _last_uses(model)
+    for step, node in enumerate(model.graph.node):
         args = [values[i] if i else None for i in node.input]
+        for name in last.get(step, ()):
+            values.pop(name, None)
         if not any(_is_ct(a) for a in args):
             outs = _plain(node, args)
         elif node.op_type == "Shape":
@@ -217,6 +253,8 @@ def evaluate(model: onnx.ModelProto, feeds: dict[str, Any]) -> list[Any]:
                                                             _attr(node, "end", None)]]
         else:
             outs = [_ct_node(node, args)]
+            if trace is not None:
+                trace(node, {"element": outs[0]})
         for name, value in zip(node.output, outs, strict=False):
             values[name] = value
     return [values[o.name] for o in model.graph.output]
@@ -228,44 +266,87 @@ class CKKSRun:
     params: Params
     depth: int
     seconds: dict[str, float]
+    packing: str = "element"
+    trace: list | None = None  # edgekit.he.trace.TraceRow per ciphertext result
 
 
 def run(model: onnx.ModelProto, inputs: dict[str, np.ndarray], plain_inputs=(),
-        scale_bits: int = 40, batch: bool = False) -> CKKSRun:
+        scale_bits: int | None = None, batch: bool = False, packed: bool = False,
+        trace: bool = False) -> CKKSRun:
     """Check, choose parameters, encrypt ``inputs`` (client), evaluate (server), decrypt.
 
-    With ``batch`` the inputs carry a leading sample axis packed into the slots.
+    With ``batch`` the inputs carry a leading sample axis packed into the slots (per-element
+    packing). With ``packed`` the token axis (-2) of the encrypted inputs goes into the slots.
+    ``trace`` decrypts every intermediate ciphertext and compares it with onnxruntime.
     """
     report = check(model, plain_inputs)
     if not report.he_friendly:
         first = report.offenders[0]
         raise EdgekitError(f"the model is not HE-friendly: {first.node!r} ({first.op}): "
                            f"{first.reason} ({len(report.offenders)} offender(s); see he-check)")
+    if packed and batch:
+        raise EdgekitError("--packed puts the tokens in the slots: no batch packing with it")
+    encrypted = {k: np.asarray(v) for k, v in inputs.items() if k not in report.plain_inputs}
+    seq = 0
+    if packed:
+        from edgekit.he import packed as pk
+
+        seqs = {int(v.shape[-2]) for v in encrypted.values() if v.ndim >= 2}
+        if len(seqs) != 1:
+            raise EdgekitError("--packed needs encrypted inputs of shape (..., seq, width) "
+                               "sharing one seq")
+        seq = seqs.pop()
+        if seq & (seq - 1):
+            raise EdgekitError(f"--packed needs a power-of-two sequence length (got {seq}): "
+                               "the key-axis sums are rotate-and-add over log2(seq) steps")
     params = choose_params(max(report.depth, 1), scale_bits)
-    ctx = make_context(params)
+    if seq * seq > params.ring_degree // 2:
+        raise EdgekitError(f"--packed needs seq² ≤ {params.ring_degree // 2} slots (got {seq})")
     seconds = {}
+    start = time.perf_counter()
+    engine = make_engine(params, pk.rotations(seq) if packed else ())
+    seconds["keys"] = time.perf_counter() - start
+    recorder = None
+    if trace:
+        from edgekit.he.trace import Recorder
+
+        first = {k: np.asarray(v)[0] if batch else np.asarray(v) for k, v in inputs.items()}
+        recorder = Recorder(model, first, (lambda v: pk.decrypt(engine, v, seq)) if packed
+                            else (lambda v: decrypt(v, 1)[0]))
+    hook = recorder.record if recorder else None
     start = time.perf_counter()
     feeds: dict[str, Any] = {}
     samples = 1
+    need = pk.needed_layouts(model, set(encrypted)) if packed else {}
     for name, arr in inputs.items():
         arr = np.asarray(arr)
-        if name in report.plain_inputs:
+        if name not in encrypted:
             feeds[name] = arr
-            continue
-        data = arr if batch else arr[None]
-        samples = data.shape[0]
-        feeds[name] = encrypt(ctx, data)
+        elif packed:
+            feeds[name] = {k: pk.encrypt(engine, arr, k, seq) for k in need.get(name, set())}
+        else:
+            data = arr if batch else arr[None]
+            samples = data.shape[0]
+            feeds[name] = encrypt(engine, data)
     seconds["encrypt"] = time.perf_counter() - start
     start = time.perf_counter()
-    outs = evaluate(model, feeds)
+    if packed:
+        outs = pk.evaluate(engine, model, feeds, seq, need, trace=hook)
+    else:
+        outs = evaluate(model, feeds, trace=hook)
     seconds["evaluate"] = time.perf_counter() - start
     start = time.perf_counter()
     result = []
     for out in outs:
-        if _is_ct(out):
+        if packed and isinstance(out, dict):
+            result.append(pk.decrypt(engine, out[pk.ROW], seq))
+        elif _is_ct(out):
             dec = decrypt(out, samples)
             result.append(dec if batch else dec[0])
         else:
             result.append(np.asarray(out))
     seconds["decrypt"] = time.perf_counter() - start
-    return CKKSRun(result, params, report.depth, seconds)
+    if trace:
+        seconds.pop("evaluate")  # decrypting every node makes it meaningless
+    return CKKSRun(result, params, report.depth, seconds, "tokens" if packed else "element",
+                   recorder.rows if recorder else None)

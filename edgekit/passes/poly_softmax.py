@@ -17,7 +17,9 @@ calibrated range of the row means, widened to the bound mean(q²) ≤ L·mean(q)
 accuracy), and only the last one must be accurate —
 its argument ``mean(q)`` sits in a narrow range because ``q`` was just renormalised. Each ``R``
 is a tangent-line start below 1/s on its calibrated range followed by Newton ``y ← y(2 − sy)``
-(monotone from below). ``L`` (the row length) is plaintext: it comes from the shape.
+(monotone from below). ``L`` (the row length) is plaintext: it comes from the shape. When
+``L`` is static the last step is written ``q·R_L(sum q)`` with ``R_L`` the same Newton iteration
+rescaled to 1/(L·m): identical iterates, two multiplicative levels fewer.
 
 The pass chooses ``k`` and the degree of ``P`` (unless given) as the cheapest design in
 multiplicative depth whose simulated output error on the calibration rows is within ``tol``
@@ -153,7 +155,7 @@ def apply(model: ir.Model, ctx: PassContext, degree: int = -1, steps: int = -1,
             report.skip(node.name, f"no design reached max abs error {tol:g} on the "
                         f"calibration rows (best {err:.3g}); raise tol, steps or degree")
             continue
-        _emit(b, node, axis, found)
+        folded = _emit(b, node, axis, found)
         lo, hi, raw_lo, raw_hi = span(arrays)
         replaced[node.name] = {
             "calibrated_input": [round(raw_lo, 4), round(raw_hi, 4)],
@@ -165,7 +167,7 @@ def apply(model: ir.Model, ctx: PassContext, degree: int = -1, steps: int = -1,
             "final_reciprocal": {"interval": [round(found.final.lo, 5),
                                               round(found.final.hi, 5)],
                                  "iterations": found.final.iters},
-            "depth": found.depth,
+            "depth": found.depth - (2 if folded else 0),
             "calibration_max_abs_error": err,
         }
         report.change("poly-softmax")
@@ -173,7 +175,14 @@ def apply(model: ir.Model, ctx: PassContext, degree: int = -1, steps: int = -1,
     return report
 
 
-def _emit(b: Builder, node: ir.Node, axis: int, d: Design) -> None:
+def _emit(b: Builder, node: ir.Node, axis: int, d: Design) -> bool:
+    """Write the design; True when the row length was static and 1/L got folded.
+
+    With a static row length L the last normalisation ``q·R(mean q)/L`` is written as
+    ``q·R_L(sum q)``, R_L being the same Newton iteration for 1/s on L·[lo, hi] (start
+    a/L + (b/L²)·s): every iterate is exactly the original one divided by L, and the sum is
+    free where the mean and the /L each cost a multiplicative level.
+    """
     x, out = node.inputs[0], node.outputs[0]
     e = Emitter(b, node, x, node.name)
     centred = e.sub(x, e.reduce("ReduceMean", x, axis))
@@ -181,10 +190,19 @@ def _emit(b: Builder, node: ir.Node, axis: int, d: Design) -> None:
     for n in d.steps:
         s = e.mul(q, q)
         q = e.mul(s, e.newton(e.reduce("ReduceMean", s, axis), n))
+    n_row = dims(x)[axis]
+    if isinstance(n_row, int):
+        f = d.final
+        scaled = Newton(f.kind, f.lo * n_row, f.hi * n_row, f.iters, f.a / n_row,
+                        f.b / n_row**2)
+        result = e.mul(q, e.newton(e.reduce("ReduceSum", q, axis), scaled))
+        b.redirect(out, result)
+        return True
     q = e.mul(q, e.newton(e.reduce("ReduceMean", q, axis), d.final))
     length = _row_length(e, x, axis)
     result = b.op("Div", [q, length], at=node, hint=node.name, like=out, shape=out.shape)
     b.redirect(out, result)
+    return False
 
 
 def _row_length(e: Emitter, x: ir.Value, axis: int) -> ir.Value:
