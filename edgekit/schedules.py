@@ -7,6 +7,9 @@ unscheduled kernel:
 - inlines elementwise blocks into the elementwise blocks that consume them (an epilogue chain
   such as bias add -> ReLU6 becomes one loop nest; real padding stays apart so the
   reduction's inner loop reads a plain buffer, a no-op pad copy is inlined);
+- a reduction whose innermost output axis is at least one vector wide (matmul columns,
+  NHWC conv output channels; ``edgekit.compile`` puts convs in NHWC) gets the register-tiled
+  micro-kernel of ``edgekit._tiling``; every other block gets the rule below;
 - reorders loops as [spatial..., reduction..., innermost spatial] so the innermost loop is a
   contiguous spatial one (output column / feature), splits it by the vector width (a
   non-multiple width gets a masked last vector) and vectorizes it; for a matmul this is the
@@ -25,6 +28,8 @@ from __future__ import annotations
 
 import contextlib
 from typing import Any
+
+from edgekit import _tiling
 
 SCHEDULED = "tirx.is_scheduled"
 _BLOCK = (4, 2)  # rows / channels per register block
@@ -58,6 +63,19 @@ def _inline_epilogues(sch, infos) -> None:
             continue
 
 
+def _tile(sch, info, cores: int) -> bool:
+    """Matmul / NHWC conv (a reduction with a wide innermost output axis): register tiles."""
+    kinds = info.dom_kind()
+    extents = [_const(d) for d in info.dom()]
+    if len(sch.get_loops(info.block_rv)) != len(kinds) or any(e is None for e in extents):
+        return False
+    work = 1
+    for e in extents:
+        work *= e
+    return _tiling.tile_reduction(sch, info.block_rv, kinds, extents,
+                                  cores > 1 and work >= _MIN_PARALLEL_WORK)
+
+
 def _schedule_block(sch, info, cores: int) -> bool:
     loops = sch.get_loops(info.block_rv)
     kinds = info.dom_kind()
@@ -73,6 +91,8 @@ def _schedule_block(sch, info, cores: int) -> bool:
     lanes = next((v for v in _VECTOR if inner_ext % v == 0), None)
     if lanes is None and inner_ext > 4:  # e.g. a 13- or 27-wide feature map: masked tail
         lanes = 8 if inner_ext > 8 else 4
+    if reduce and not _tiling.contiguous_in_a_read(sch, info.block_rv, kinds.rindex("S")):
+        lanes = None  # a row reduction (softmax, norms): vectors would be gathers
     outer = spatial[:-1]
     vec = None
     if lanes is not None and inner_ext > lanes:
@@ -133,11 +153,15 @@ def schedule_func(func, cores: int):
         return None
     done = 0
     for info in infos:
-        snapshot = sch.copy()
-        try:
-            done += _schedule_block(sch, info, cores)
-        except Exception:  # noqa: BLE001 - this block keeps its loops; still correct
-            sch = snapshot
+        for rule in (_tile, _schedule_block):
+            snapshot = sch.copy()
+            try:
+                if rule(sch, info, cores):
+                    done += 1
+                    break
+            except Exception:  # noqa: BLE001 - this block keeps its loops; still correct
+                pass
+            sch = snapshot  # a rule that gave up may have changed loops half-way
     return sch.mod["main"] if done else None
 
 

@@ -1,0 +1,161 @@
+"""Register-tiled schedule for reductions whose innermost output axis is wide (matmul, NHWC conv).
+
+Kernel: ``out[s_0, ..., s_{n-2}, j] = sum_r f(...)`` with the innermost spatial axis ``j``
+contiguous in the output (matmul columns, NHWC output channels) and at least one vector wide.
+
+Schedule (the classic CPU GEMM micro-kernel, without packing):
+
+- ``j`` is tiled as ``jo, jv2, jv`` with ``jv`` one vector (16 fp32 lanes) and ``jv2`` up to 3
+  vectors; the second-innermost axis (matmul rows, output pixels along a row) is tiled as
+  ``io, ii`` with ``ii`` a few rows. Loop order ``jo, s..., io, r..., ii, jv2, jv``: for each
+  reduction step one scalar of the left operand is broadcast and used for ``jv2`` vectors, each
+  vector of the right operand is used for ``ii`` rows, so ``ii * jv2`` vector accumulators
+  stay in registers (a ``local`` cache of the output tile, written back once per tile);
+- ``jo`` outermost keeps one column panel of the right operand in cache while every row
+  tile streams past it (a 768 x 50257 LM head is read once, not once per row tile);
+- when ``j`` is not a multiple of the tile, the loop is partitioned first: the main part runs
+  the tiled code, the few tail columns run the plain loop nest. A masked tail inside the
+  vector loop would make TVM scalarize the whole kernel;
+- a grouped conv (reads at ``channel // k``) is tiled within one group of ``k`` channels, with
+  vectors of 16, 8 or 4 lanes dividing ``k``, so that no vector straddles two groups;
+- elementwise consumers of the output (bias, BatchNorm, activation) are inlined into the
+  write-back of the tile, while it is in cache;
+- the outer tile loops are fused and run in parallel when the kernel is large enough.
+
+Only loop order and tiling change: every output element sums its terms in the same order
+as the unscheduled kernel (the reduction loops keep their order and are not split).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+LANES = 16  # fp32 lanes of one AVX-512 register
+# Rows per register tile, in order of preference (divisors of the row extent avoid a tail).
+_ROWS = (4, 7, 6, 5, 8, 3, 2)
+
+
+def _vectors(n: int, lanes: int) -> int:
+    """Vectors per column tile (at most 3): the widest tile that leaves the shortest tail."""
+    return min((v for v in (3, 2, 1) if v * lanes <= n), key=lambda v: (n % (v * lanes), -v))
+
+
+def _rows(m: int) -> int:
+    if m <= 8:
+        return m
+    return next((r for r in _ROWS if m % r == 0), 4)
+
+
+def _group_size(sch, block, axis: int, n: int) -> int | None:
+    """``k`` when the block reads at ``j // k`` (``j`` the innermost output axis): a grouped
+    conv with ``k`` channels per group, whose vectors must not straddle two groups."""
+    import re
+
+    stmt = sch.get(block)
+    var = stmt.iter_vars[axis].var.name
+    sizes = {int(k) for k in re.findall(rf"\b{var} // T\.int64\((\d+)\)", str(stmt))}
+    sizes = {k for k in sizes if 1 < k < n and n % k == 0 and k % LANES}
+    return min(sizes) if sizes else None
+
+
+def contiguous_in_a_read(sch, block, axis: int) -> bool:
+    """Whether vectors along iteration variable ``axis`` are plain loads: some buffer the block
+    reads is indexed last by it (matmul ``B[k, j]``, conv weights ``W[.., o]``) and no buffer
+    uses it in another index (a row reduction reads ``x[i, k]``: vectors along ``i`` would be
+    gathers)."""
+    import re
+
+    stmt = sch.get(block)
+    var = stmt.iter_vars[axis].var
+    uses = re.compile(rf"\b{var.name}\b")
+    last = False
+    for r in stmt.reads:
+        if not len(r.region):
+            continue
+        if any(uses.search(str(rng.min)) for rng in list(r.region)[:-1]):
+            return False
+        last = last or bool(uses.search(str(r.region[-1].min)))
+    return last
+
+
+def tile_reduction(sch, block, kinds: str, extents: list[int], parallel: bool) -> bool:
+    """Tile one reduction block (see the module docstring); False when it does not fit."""
+    spatial = [i for i, k in enumerate(kinds) if k == "S"]
+    if "R" not in kinds or not spatial or extents[spatial[-1]] < LANES:
+        return False
+    if not contiguous_in_a_read(sch, block, spatial[-1]):
+        return False
+    n = extents[spatial[-1]]
+    group = _group_size(sch, block, spatial[-1], n)
+    if group is None:
+        return _tile(sch, block, kinds, extents, parallel, LANES)
+    # grouped conv: split the channels into (group, channel in group), tile the latter
+    lanes = next((v for v in (16, 8, 4) if group % v == 0), None)
+    if lanes is None:
+        return False
+    sch.split(sch.get_loops(block)[spatial[-1]], [n // group, group])
+    kinds = kinds[:spatial[-1]] + "S" + kinds[spatial[-1]:]
+    extents = [*extents[:spatial[-1]], n // group, group, *extents[spatial[-1] + 1:]]
+    return _tile(sch, block, kinds, extents, parallel, lanes)
+
+
+def _tile(sch, block, kinds: str, extents: list[int], parallel: bool, lanes: int) -> bool:
+    spatial = [i for i, k in enumerate(kinds) if k == "S"]
+    reduce = [i for i, k in enumerate(kinds) if k == "R"]
+    n = extents[spatial[-1]]
+    vectors = _vectors(n, lanes)
+    width = vectors * lanes
+    loops = sch.get_loops(block)
+    # j outermost first, so that a partition of j leaves the other loops inside each part.
+    sch.reorder(loops[spatial[-1]], *[loops[i] for i in spatial[:-1]],
+                *[loops[i] for i in reduce])
+    main = n // width * width
+    if (n - main) * 8 > n:  # a wide scalar tail (a 27-pixel NCHW row): not worth it
+        return False
+    if main != n and lanes != LANES:  # a grouped conv's partition is not affine
+        return False
+    if main != n:
+        j_main, j_tail = sch.loop_partition(sch.get_loops(block)[0], [main, None])
+        block = sch.get_child_blocks(j_main)[0]
+        # tail columns innermost: contiguous, a short loop LLVM can vectorize
+        tail = sch.get_loops(sch.get_child_blocks(j_tail)[0])[-len(kinds):]
+        with contextlib.suppress(Exception):  # needs an affine binding: not after a split
+            sch.reorder(*tail[1:], tail[0])
+    rows_axis = spatial[-2] if len(spatial) >= 2 and extents[spatial[-2]] > 1 else None
+    loops = sch.get_loops(block)[-len(kinds):]
+    j, others, red = loops[0], loops[1:len(spatial)], loops[len(spatial):]
+    jo, jv2, jv = sch.split(j, [None, vectors, lanes])
+    outer, inner = [jo, *others], []
+    if rows_axis is not None:
+        io, ii = sch.split(others[-1], [None, _rows(extents[rows_axis])])
+        outer, inner = [jo, *others[:-1], io], [ii]
+    sch.reorder(*outer, *red, *inner, jv2, jv)
+    fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+    write = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(write, fused)
+    _inline_consumers(sch, write)
+    if parallel:
+        with contextlib.suppress(Exception):  # a loop that cannot run in parallel stays serial
+            sch.parallel(fused)
+    for lp in inner:
+        sch.unroll(lp)
+    sch.unroll(jv2)
+    sch.vectorize(jv)
+    init = sch.decompose_reduction(block, red[0])
+    for blk in (init, write):
+        with contextlib.suppress(Exception):
+            sch.vectorize(sch.get_loops(blk)[-1])
+    return True
+
+
+def _inline_consumers(sch, write: Any) -> None:
+    """Inline the elementwise chain after the output tile into its write-back."""
+    for _ in range(8):  # bias -> scale -> activation: a short chain
+        consumers = sch.get_consumers(write)
+        if len(consumers) != 1:
+            return
+        try:
+            sch.reverse_compute_inline(consumers[0])
+        except Exception:  # noqa: BLE001 - not elementwise on the tile: it stays separate
+            return
