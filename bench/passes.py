@@ -5,7 +5,9 @@ with onnxruntime and TVM; apply the passes, compile and time again; print median
 after/before ratios (< 1 means the rewrite made it faster).
 
     python bench/passes.py            # all cases
-    python bench/passes.py --quick    # graphs/ models only, fewer calls
+    python bench/passes.py --quick    # small models only, fewer calls
+    python bench/passes.py --models light-resnet50,gpt2-4l   # a subset
+    python bench/passes.py --passes fold-constants   # cases using these passes
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+import onnx
+
 from edgekit import api
+from edgekit.errors import EdgekitError
 from edgekit.export import check_against_torch, export_module, save_onnx
 from edgekit.intake import Source, set_source
 from edgekit.verify import TensorSpec
@@ -32,7 +37,16 @@ CASES = [
     ("gpt2-4l", "ln-to-rmsnorm,rmsnorm-to-crmsnorm"),
     ("vit-4l", "fold-ln-affine"),
     ("vit-4l", "ln-to-rmsnorm"),
+    # the light zoo builds every weight with ConstantOfShape: fold-bn alone cannot fold
+    ("light-shufflenet", "fold-bn"),
+    ("light-shufflenet", "fold-constants"),
+    ("light-shufflenet", "fold-constants,fold-bn"),
+    ("light-resnet50", "fold-bn"),
+    ("light-resnet50", "fold-constants"),
+    ("light-resnet50", "fold-constants,fold-bn"),
 ]
+LIGHT_ZOO = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
+SLOW = ("gpt2-4l", "vit-4l", "light-resnet50")
 
 
 def transformers_model(name: str):
@@ -69,6 +83,8 @@ def export(name: str, path: Path) -> None:
             raise SystemExit(f"{name}: export check failed: {bad}")
         set_source(model, Source("onnx", name))
         save_onnx(model, path)
+    elif name.startswith("light-"):  # onnx's light model zoo, shipped with the onnx package
+        onnx.save(onnx.load(str(LIGHT_ZOO / f"light_{name[6:]}.onnx")), path)
     else:
         api.export(name, path)
 
@@ -81,12 +97,18 @@ def measure(onnx_path: Path, art: Path, repeat: int) -> tuple[float, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="graphs/ models only, 20 calls")
+    parser.add_argument("--quick", action="store_true", help="small models only, 20 calls")
     parser.add_argument("--repeat", type=int, default=100)
+    parser.add_argument("--models", help="comma-separated subset of the case models")
+    parser.add_argument("--passes", help="only cases using one of these comma-separated passes")
     args = parser.parse_args()
     from edgekit.passes import available
 
-    cases = [c for c in CASES if not (args.quick and c[0] in ("gpt2-4l", "vit-4l"))]
+    cases = [c for c in CASES if not (args.quick and c[0] in SLOW)]
+    if args.models:
+        cases = [c for c in cases if c[0] in args.models.split(",")]
+    if args.passes:
+        cases = [c for c in cases if set(c[1].split(",")) & set(args.passes.split(","))]
     repeat = 20 if args.quick else args.repeat
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -107,7 +129,11 @@ def main() -> int:
             status = ",".join(r.status for r in rewritten.ledger)
             err = max((r.max_rel or 0.0) for r in rewritten.ledger)
             print(f"{model} + {passes}: {status}", file=sys.stderr)
-            tvm_after, ort_after = measure(dst, d / f"{model}-{len(rows)}.edgekit", repeat)
+            try:
+                tvm_after, ort_after = measure(dst, d / f"{model}-{len(rows)}.edgekit", repeat)
+            except EdgekitError as exc:  # e.g. the compiled model fails verification
+                print(f"skip {model} {passes}: {exc}", file=sys.stderr)
+                continue
             tvm_before, ort_before = baseline[model]
             rows.append((model, passes, status, err, ort_before, ort_after, tvm_before,
                          tvm_after))

@@ -10,6 +10,16 @@ by the structural hash of each kernel, so any later compile for the same target 
 shares a kernel (same op, shapes, dtypes, constants folded the same way) reuses its record,
 with or without ``--tune``.
 
+Tuning never makes a kernel slower than edgekit's default schedule (``edgekit.schedules``):
+after a session, every kernel of the model that has a record is built twice, with the
+record's schedule and with the default schedule, and the two are timed alternately in this
+process on the same random inputs (best of several runs each). The result goes into
+``edgekit_default_check.json`` next to the records, keyed by the kernel's workload and the
+structural hashes of both schedules; a compile applies a record only if that check did not
+find the default faster (a record with no check for the current default, e.g. one from before
+this check or after the default schedules changed, is applied as before and counted as
+unchecked).
+
     prepare(mod, target, request)      what ``compile`` does before ``tvm.compile`` on CPUs:
                                        lower, tune if asked, apply records, default schedules
     lower(mod, tvm_target)             Relax -> legalized, fused TIR kernels (what is tuned)
@@ -19,11 +29,16 @@ with or without ``--tune``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib
+import importlib.util
 import json
 import logging
 import math
 import os
+import platform
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -38,6 +53,7 @@ Progress = Callable[[str], None]
 SCHEDULED = "tirx.is_scheduled"
 _WORKLOADS = "database_workload.json"
 _RECORDS = "database_tuning_record.json"
+_CHECKS = "edgekit_default_check.json"
 
 
 def _quiet(_: str) -> None:
@@ -55,6 +71,8 @@ class TuneStats:
     budget_minutes: float | None
     cost_model: str
     db: str
+    records_kept: int = 0  # kernels whose record beat the default schedule
+    records_rejected: int = 0  # kernels whose default schedule was as fast or faster
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,10 +106,13 @@ def prepare(mod, target: Target, request: TuningRequest | None = None,
         stats = tune(mod, target, db, request.trials, request.minutes, progress)
         info.update(tuned=True, **stats.to_dict())
     progress("applying tuning records")
-    mod, applied = apply_database(mod, tvm_target, db)
+    mod, counts = apply_database(mod, tvm_target, db)
     progress("default schedules")
     mod, scheduled = schedules.apply_default(mod, tvm_target)
-    info.update(records_applied=applied, default_schedules=scheduled)
+    # records_rejected: kernels with a record that use the default schedule, which the
+    # check measured faster; records_unchecked: records applied without such a check
+    info.update(records_applied=counts.applied, records_rejected=counts.rejected,
+                records_unchecked=counts.unchecked, default_schedules=scheduled)
     return mod, info
 
 
@@ -110,9 +131,9 @@ def tune_model(onnx_path: str | Path, target: str, inputs=(), trials: int | None
     mod = lower(tvm_compile.to_relax(model, specs), tgt.tvm_target())
     path = db_dir(tgt, db)
     stats = tune(mod, tgt, path, trials, minutes, progress)
-    _, applied = apply_database(mod, tgt.tvm_target(), path)
-    return {**stats.to_dict(), "kernels": _kernel_count(mod), "kernels_with_records": applied,
-            "target": tgt.name}
+    _, counts = apply_database(mod, tgt.tvm_target(), path)
+    return {**stats.to_dict(), "kernels": _kernel_count(mod), "kernels_with_records":
+            counts.applied, "target": tgt.name}
 
 
 def _kernel_count(mod) -> int:
@@ -191,17 +212,141 @@ def scheduled_count(mod) -> int:
 
 
 def apply_database(mod, tvm_target, db: Path):
-    """Replace kernels that have a record in ``db``; returns (module, number of kernels)."""
+    """Replace kernels that have a record in ``db``, except those whose check found the default
+    schedule faster. Returns (module, ``ApplyCounts``)."""
     import tvm
     from tvm import relax
 
     if not has_records(db):
-        return mod, 0
+        return mod, ApplyCounts()
     before = scheduled_count(mod)
     database = open_database(db)
     with tvm_target, database, tvm.transform.PassContext(opt_level=3):
         out = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
-    return out, scheduled_count(out) - before
+    checks, counts = load_checks(db), ApplyCounts()
+    for gv, (norm, default, tuned) in _kernels_with_records(mod, tvm_target, database).items():
+        check = checks.get(_hash(norm))
+        if check is None or check.default != _hash(default) or check.tuned != _hash(tuned):
+            counts.unchecked += 1
+        elif not check.tuned_wins:  # keep the original kernel: apply_default schedules it
+            out.update_func(gv, mod[gv])
+            counts.rejected += 1
+    counts.applied = scheduled_count(out) - before
+    return out, counts
+
+
+@dataclass
+class ApplyCounts:
+    """Kernels given a tuning record's schedule, and records left out or not checked."""
+
+    applied: int = 0
+    rejected: int = 0  # the default schedule measured faster than the record
+    unchecked: int = 0  # applied with no check against the current default schedule
+
+
+@dataclass(frozen=True)
+class KernelCheck:
+    """A tuning record against the default schedule of the same kernel, timed together."""
+
+    default_us: float
+    tuned_us: float
+    default: str  # structural hashes of the two schedules that were timed
+    tuned: str
+
+    @property
+    def tuned_wins(self) -> bool:
+        return self.tuned_us < self.default_us
+
+
+def _hash(obj) -> str:
+    from tvm_ffi import structural_hash
+
+    return f"{structural_hash(obj) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
+def workload_module(func):
+    """The one-kernel module MetaSchedule keys a kernel's records by."""
+    import tvm
+
+    return tvm.get_global_func("tvm.s_tir.meta_schedule.normalize_mod")(func)
+
+
+def _kernels_with_records(mod, tvm_target, database) -> dict:
+    """{global var: (workload module, default-scheduled kernel, record-scheduled kernel)} for
+    every unscheduled kernel of ``mod`` that ``database`` has a record for."""
+    import tvm
+
+    from edgekit import schedules
+
+    out = {}
+    for gv, func in mod.functions.items():
+        if not isinstance(func, tvm.tirx.PrimFunc) or (func.attrs and func.attrs.get(SCHEDULED)):
+            continue
+        norm = workload_module(func)
+        sch = database.query_schedule(norm, tvm_target, "main")
+        if sch is None:
+            continue
+        default, _ = schedules.apply_default(tvm.IRModule({"main": norm["main"]}), tvm_target)
+        out[gv] = (norm, default["main"], sch.mod["main"])
+    return out
+
+
+def load_checks(db: Path) -> dict[str, KernelCheck]:
+    try:
+        raw = json.loads((db / _CHECKS).read_text())
+        return {k: KernelCheck(**v) for k, v in raw.items()}
+    except (OSError, ValueError, TypeError):
+        return {}
+
+
+def _time_kernels(funcs: list, tvm_target, rounds: int = 2) -> list[float]:
+    """Best seconds per call of each kernel, timed alternately on the same random inputs
+    (so a busy machine slows all of them alike)."""
+    import numpy as np
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    dev, rng = tvm.cpu(), np.random.default_rng(0)
+    args = []
+    for info in ms.arg_info.ArgInfo.from_prim_func(funcs[0]):
+        shape, dtype = [int(d) for d in info.shape], str(info.dtype)
+        # integer arguments are indices (Gather...): zeros are always in range
+        data = rng.uniform(-1, 1, shape) if "float" in dtype else np.zeros(shape)
+        args.append(tvm.runtime.tensor(data.astype(dtype), dev))
+    timers = []
+    for func in funcs:
+        built = _build(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                       tvm_target, None)
+        timers.append(built.time_evaluator("main", dev, number=1, repeat=3, min_repeat_ms=20))
+    best = [math.inf] * len(funcs)
+    for _ in range(rounds):
+        for i, timer in enumerate(timers):
+            best[i] = min(best[i], min(timer(*args).results))
+    return best
+
+
+def check_records(mod, tvm_target, db: Path, progress: Progress = _quiet) -> tuple[int, int]:
+    """Time every kernel of ``mod`` that has a record against its default schedule and save
+    the outcome for ``apply_database``. Returns (records kept, records the default beat); a
+    kernel that cannot be timed here (symbolic shapes) is in neither and stays unchecked."""
+    database = open_database(db)
+    kernels = _kernels_with_records(mod, tvm_target, database)
+    checks, kept, rejected = load_checks(db), 0, 0
+    for i, (norm, default, tuned) in enumerate(kernels.values()):
+        progress(f"checking tuned kernels against default schedules: {i + 1}/{len(kernels)}")
+        try:
+            default_s, tuned_s = _time_kernels([default, tuned], tvm_target)
+        except Exception as exc:  # noqa: BLE001 - e.g. symbolic shapes: the record stays unchecked
+            progress(f"cannot time kernel {i + 1} against its default: {last_line(exc)}")
+            continue
+        check = KernelCheck(round(default_s * 1e6, 3), round(tuned_s * 1e6, 3), _hash(default),
+                            _hash(tuned))
+        checks[_hash(norm)] = check
+        kept, rejected = kept + check.tuned_wins, rejected + (not check.tuned_wins)
+    tmp = db / f".{_CHECKS}.tmp"  # atomic: a compile reading it never sees half a file
+    tmp.write_text(json.dumps({k: asdict(v) for k, v in checks.items()}, indent=1))
+    os.replace(tmp, db / _CHECKS)
+    return kept, rejected
 
 
 def _progress_callback(total: int, deadline: float | None, progress: Progress, t0: float):
@@ -239,7 +384,9 @@ def tune(
     """Tune the kernels of a lowered module (see ``lower``) and add the records to ``db``.
 
     Budget: ``trials`` measured candidates in all, or ``minutes`` of wall time (the running
-    batch finishes first), or both (whichever ends first); default 64 trials per kernel."""
+    batch finishes first), or both (whichever ends first); default 64 trials per kernel.
+    Then every kernel with a record is checked against its default schedule
+    (``check_records``; a few seconds per kernel, outside the budget)."""
     from tvm.s_tir import meta_schedule as ms
 
     if not target.runs_on_host or target.device != "cpu":
@@ -269,7 +416,7 @@ def tune(
     callback = _progress_callback(total, deadline, progress, t0)
     progress(f"tuning {len(tasks)} kernels, {total if trials or not minutes else '∞'} trials")
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
-    with tempfile.TemporaryDirectory(prefix="edgekit-tune-") as work:
+    with tempfile.TemporaryDirectory(prefix="edgekit-tune-") as work, _host_tensor_intrinsics():
         try:
             ms.relax_integration.tune_relax(
                 mod=mod, params={}, target=tvm_target, work_dir=work,
@@ -283,9 +430,34 @@ def tune(
             raise
         except Exception as exc:
             raise EdgekitError(f"MetaSchedule tuning failed: {last_line(exc)}") from exc
+    kept, rejected = check_records(mod, tvm_target, db, progress)
     return TuneStats(tasks=len(tasks), trials=callback.done,
                      seconds=round(time.perf_counter() - t0, 1), budget_trials=trials,
-                     budget_minutes=minutes, cost_model=cost_model, db=str(db))
+                     budget_minutes=minutes, cost_model=cost_model, db=str(db),
+                     records_kept=kept, records_rejected=rejected)
+
+
+@contextlib.contextmanager
+def _host_tensor_intrinsics():
+    """MetaSchedule's TuneContext imports every tensor-intrinsic table (CUDA, ARM, ROCm,
+    Hexagon...: ~45 s of CPU here); tuning on this machine needs only its own architecture's.
+    For the session the package is just that table; then the package entry is dropped, so a
+    later full import runs as usual (tables already loaded are reused, not registered twice)."""
+    name = "tvm.s_tir.tensor_intrin"
+    table = {"x86_64": "x86", "amd64": "x86", "aarch64": "arm_cpu", "arm64": "arm_cpu",
+             "riscv64": "riscv_cpu"}.get(platform.machine().lower())
+    spec = importlib.util.find_spec(name) if table and name not in sys.modules else None
+    if spec is None:
+        yield
+        return
+    package = importlib.util.module_from_spec(spec)  # not executed: its __init__ loads all
+    sys.modules[name] = package
+    try:
+        importlib.import_module(f"{name}.{table}")
+        yield
+    finally:
+        if sys.modules.get(name) is package:
+            del sys.modules[name]
 
 
 def _build(mod, target, _params):

@@ -1,5 +1,6 @@
 """Tuning inside compile: MetaSchedule writes the database, a second compile of another model
-with the same kernel reuses it without tuning, the manifest records both, outputs verified."""
+with the same kernel reuses it without tuning, the manifest records both, outputs verified.
+A record is applied only if it was timed faster than the default schedule of its kernel."""
 
 from __future__ import annotations
 
@@ -16,16 +17,16 @@ from edgekit.cli import cli
 from edgekit.targets import load_target
 
 
-def _matmul_relu(path, seed):
-    """y = relu(x @ w), x: 4x32, w: 32x64 (weights differ per seed; the kernel does not)."""
-    w = np.random.default_rng(seed).standard_normal((32, 64)).astype(np.float32)
+def _matmul_relu(path, seed, rows=4, k=32, n=64):
+    """y = relu(x @ w), x: rows x k, w: k x n (weights differ per seed; the kernel does not)."""
+    w = np.random.default_rng(seed).standard_normal((k, n)).astype(np.float32)
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w"], ["m"], name="mm"),
          helper.make_node("Relu", ["m"], ["y"], name="relu")],
         "mm_relu",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 32])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 64])],
-        [helper.make_tensor("w", TensorProto.FLOAT, [32, 64], w.ravel())])
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, n])],
+        [helper.make_tensor("w", TensorProto.FLOAT, [k, n], w.ravel())])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     return path
 
@@ -49,20 +50,68 @@ def test_tuning_writes_the_database_and_the_manifest(tuned):
     assert info["tuned"] is True and info["trials"] >= 1 and info["budget_trials"] == 2
     assert info["tasks"] == 1 and info["db"] == str(db) and info["cost_model"] in ("xgb",
                                                                                     "random")
-    assert info["records_applied"] == 1 and info["kernels"] == 1
+    assert info["kernels"] == 1 and info["records_kept"] + info["records_rejected"] == 1
+    # the record is used only if it was timed faster than the default schedule
+    assert info["records_applied"] == info["records_kept"]
+    assert info["default_schedules"] == info["records_rejected"]
+    assert info["records_unchecked"] == 0
+    (check,) = tune.load_checks(db).values()
+    assert check.default_us > 0 and check.tuned_us > 0
+    assert check.tuned_wins == bool(info["records_kept"])
     assert all(c["ok"] for c in first.manifest["verification"]["outputs"])
 
 
 def test_second_compile_reuses_records_without_tuning(tuned):
-    d, _, _, second = tuned
+    d, _, first, second = tuned
     info = second.manifest["tuning"]
-    assert info["tuned"] is False and info["records_applied"] == 1
-    assert info["default_schedules"] == 0
+    assert info["tuned"] is False and info["records_unchecked"] == 0
+    assert info["records_applied"] == first.manifest["tuning"]["records_kept"]
+    assert info["records_rejected"] == first.manifest["tuning"]["records_rejected"]
+    assert info["records_applied"] + info["default_schedules"] == 1
     model = onnx.load(str(d / "b.onnx"))
     inputs = verify.seeded_inputs(verify.onnx_input_specs(model, []), 3)
     ref = verify.run_ort(model, inputs)[0]
     got = runtime.load(second.path).run(inputs)["y"]
     assert np.abs(got - ref).max() / np.abs(ref).max() <= 1e-5
+
+
+def test_a_record_slower_than_the_default_schedule_is_not_applied(tmp_path):
+    """A record whose schedule is the unscheduled serial loop nest (a trace that only looks up a
+    block; MetaSchedule ignores empty traces), claiming 1 ns, is applied until checked; the
+    check times it against the default schedule (vectorized, parallel: many times faster on
+    this 64x256x256 matmul) and later compiles leave it out."""
+    import tvm
+    from tvm import s_tir
+    from tvm.s_tir import meta_schedule as ms
+
+    from edgekit import compile as tvm_compile
+
+    src = _matmul_relu(tmp_path / "big.onnx", 0, rows=64, k=256, n=256)
+    model = onnx.load(str(src))
+    host = load_target("host")
+    mod = tune.lower(tvm_compile.to_relax(model, verify.onnx_input_specs(model, [])),
+                     host.tvm_target())
+    (func,) = [f for _, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
+    db = tmp_path / "db"
+    database = tune.open_database(db)
+    workload = database.commit_workload(tune.workload_module(func))
+    naive = s_tir.Schedule(tune.workload_module(func))
+    naive.get_sblock("compute")
+    database.commit_tuning_record(ms.database.TuningRecord(
+        naive.trace, workload, [1e-9], host.tvm_target(),
+        ms.arg_info.ArgInfo.from_prim_func(func)))
+    _, counts = tune.apply_database(mod, host.tvm_target(), db)
+    assert (counts.applied, counts.rejected, counts.unchecked) == (1, 0, 1)
+    assert tune.check_records(mod, host.tvm_target(), db) == (0, 1)
+    (check,) = tune.load_checks(db).values()
+    assert check.default_us < check.tuned_us
+    _, counts = tune.apply_database(mod, host.tvm_target(), db)
+    assert (counts.applied, counts.rejected, counts.unchecked) == (0, 1, 0)
+    result = api.compile(src, "host", tmp_path / "big.edgekit", tuning_db=db)
+    info = result.manifest["tuning"]
+    assert info["records_applied"] == 0 and info["records_rejected"] == 1
+    assert info["default_schedules"] == info["kernels"] == 1
+    assert all(c["ok"] for c in result.manifest["verification"]["outputs"])
 
 
 def test_database_is_keyed_by_target(tmp_path, monkeypatch):

@@ -63,8 +63,11 @@ def tune_cmd(onnx_file: Path, target: str, inputs: tuple[str, ...], trials: int 
         return
     click.echo(f"  {result['tasks']} kernel(s) tuned, {result['trials']} trials in "
                f"{result['seconds']:.0f} s ({result['cost_model']} cost model)")
-    click.echo(f"  {result['kernels_with_records']} of {result['kernels']} kernels now have a "
-               "record")
+    click.echo(f"  {result['kernels_with_records']} of {result['kernels']} kernels now use a "
+               "tuned record")
+    if result.get("records_rejected"):
+        click.echo(f"  {result['records_rejected']} record(s) lost to the default schedule in "
+                   "an alternating timing check and are not used")
     click.echo(f"database: {result['db']}")
 
 

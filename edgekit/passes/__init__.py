@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from edgekit.passes import (
     fold_bn,
+    fold_constants,
     fold_ln_affine,
     fold_repbn,
     ln_to_rmsnorm,
@@ -19,6 +20,7 @@ from edgekit.passes import (
 from edgekit.passes.core import Pass
 
 ALL: tuple[Pass, ...] = (
+    fold_constants.PASS,
     fold_bn.PASS,
     merge_repvgg.PASS,
     fold_repbn.PASS,
