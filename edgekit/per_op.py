@@ -221,7 +221,7 @@ def profile_artifact_per_op(path: str | Path, threads: int | None = None, warmup
 
     set_threads(threads or os.cpu_count() or 1)
     manifest = runtime.read_manifest(path)
-    specs = [TensorSpec(i["name"], tuple(i["shape"]), i["dtype"]) for i in manifest["inputs"]]
+    specs = [TensorSpec.from_dict(i) for i in manifest["inputs"]]
     return profile_per_op(path, seeded_inputs(specs, seed), warmup, repeat)
 
 

@@ -117,7 +117,7 @@ def profile_artifact(
     t0 = time.perf_counter()
     model = runtime.load(path)
     load_ms = (time.perf_counter() - t0) * 1e3
-    specs = [TensorSpec(i["name"], tuple(i["shape"]), i["dtype"]) for i in model.inputs]
+    specs = [TensorSpec.from_dict(i) for i in model.inputs]
     inputs = seeded_inputs(specs, seed)
     call = model.prepare(inputs)
     t0 = time.perf_counter()

@@ -115,6 +115,10 @@ class CompiledModel:
                                  f"got {tuple(a.shape)}")
             if a.dtype != np.dtype(spec["dtype"]):
                 raise ValueError(f"input {name!r}: expected dtype {spec['dtype']}, got {a.dtype}")
+            high = spec.get("high")  # an index into a table: out of range would read wild memory
+            if high and a.size and (a.max() >= high or a.min() < -high):
+                raise ValueError(f"input {name!r}: values index a table of {high} rows, got "
+                                 f"{a.min()}..{a.max()}")
             arrays.append(np.ascontiguousarray(a))
         return arrays
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import onnx
@@ -41,8 +42,14 @@ class TensorSpec:
     dtype: str
     high: int | None = field(default=None, compare=False)
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TensorSpec:
+        """The inverse of ``to_dict`` (a manifest's ``inputs`` entries)."""
+        return cls(d["name"], tuple(d["shape"]), d["dtype"], d.get("high"))
+
     def to_dict(self) -> dict:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+        out = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+        return out if self.high is None else {**out, "high": self.high}
 
 
 @dataclass(frozen=True)

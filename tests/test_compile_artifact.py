@@ -144,3 +144,22 @@ def test_cross_compile_rpi4(add_relu_onnx, tmp_path):
     assert result.manifest["target"]["machine"] == "aarch64"
     with pytest.raises(runtime.ArtifactError, match="this machine is"):
         runtime.load(result.path)
+
+
+def test_token_ids_out_of_the_embedding_table_are_refused(tmp_path):
+    from onnx import numpy_helper
+
+    table = numpy_helper.from_array(np.arange(40, dtype=np.float32).reshape(10, 4), "table")
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["y"])], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 4])], [table])
+    path = tmp_path / "emb.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    result = api.compile(path, "host", tmp_path / "emb.edgekit")
+    assert result.manifest["inputs"][0]["high"] == 10
+    model = runtime.load(result.path)
+    ids = np.array([[0, 9, -10, 3, 4, 5]], np.int64)
+    np.testing.assert_array_equal(model.run(ids)["y"], run_ort(onnx.load(path), {"ids": ids})[0])
+    with pytest.raises(ValueError, match="table of 10 rows"):
+        model.run(np.array([[0, 1, 2, 3, 4, 10]], np.int64))

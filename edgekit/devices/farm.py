@@ -179,7 +179,7 @@ def profile_remote(artifact: str | Path, tracker: str, key: str, warmup: int = 1
         raise EdgekitError(str(exc)) from None
     wait_for_device(tracker, key, wait)
     host, port = parse_address(tracker)
-    specs = [TensorSpec(i["name"], tuple(i["shape"]), i["dtype"]) for i in manifest["inputs"]]
+    specs = [TensorSpec.from_dict(i) for i in manifest["inputs"]]
     inputs = seeded_inputs(specs, seed)
     try:
         t0 = time.perf_counter()

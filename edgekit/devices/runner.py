@@ -105,7 +105,7 @@ def profile(artifact: str | Path, runner: str = "qemu", warmup: int = 10, repeat
     except runtime.ArtifactError as exc:
         raise EdgekitError(str(exc)) from None
     arch = _arch_for(manifest, runner)
-    specs = [TensorSpec(i["name"], tuple(i["shape"]), i["dtype"]) for i in manifest["inputs"]]
+    specs = [TensorSpec.from_dict(i) for i in manifest["inputs"]]
     _, report = invoke(artifact, seeded_inputs(specs, seed), runner, warmup, repeat, duration,
                        threads)
     how = f"qemu-user emulation of {arch}" if runner == "qemu" else "native"

@@ -23,7 +23,7 @@ def profile_stream(path: str | Path, warmup: int = 10, repeat: int = 100,
 
     session = runtime.load(path).stream()
     spec = session.frame_spec
-    frame = seeded_inputs([TensorSpec(spec["name"], tuple(spec["shape"]), spec["dtype"])],
+    frame = seeded_inputs([TensorSpec.from_dict(spec)],
                           seed)[spec["name"]]
     times, _ = measure(session.prepare(frame), warmup, repeat, duration)
     per_call = stats(times)
