@@ -105,7 +105,32 @@ def to_relax(model: onnx.ModelProto, specs: Sequence[TensorSpec]):
         )
     except Exception as exc:
         raise EdgekitError(f"TVM's ONNX import failed: {last_line(exc)}") from exc
-    return _channels_last(fast_math(mod))
+    return _channels_last(fast_math(_bounded_take(mod)))
+
+
+def _bounded_take(mod):
+    """Gather (``relax.take``) in ``clip`` mode instead of TVM's default ``fast`` mode.
+
+    Why: ``fast`` reads out of bounds (a segfault or wild memory) when an index is out of
+    range, and warns about it once per Gather at build time. ``clip`` costs a min/max per index.
+    In-range indices give the same result; the runtime refuses out-of-range token-id inputs
+    before they get here (``runtime.CompiledModel``), and computed indices clamp instead of
+    crashing the process."""
+    from tvm import relax
+    from tvm.relax import PyExprMutator, expr_functor
+
+    @expr_functor.mutator
+    class _Clip(PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if getattr(call.op, "name", "") == "relax.take" and call.attrs.mode == "fast":
+                return relax.op.take(call.args[0], call.args[1], call.attrs.axis, mode="clip")
+            return call
+
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function):
+            mod[gv] = _Clip().visit_expr(func)
+    return mod
 
 
 def _channels_last(mod):

@@ -37,6 +37,10 @@ _VECTOR = (16, 8, 4)  # lanes to try, widest first (fp32: 16 = one AVX-512 regis
 # Multiply-adds (or elements) below which a kernel stays serial: waking the thread pool costs
 # more than ~1M operations save on 2 cores.
 _MIN_PARALLEL_WORK = 1 << 20
+# compute_inline copies a producer's expression into every read of it: a chain of blocks that
+# read their input several times (fast tanh/exp polynomials) would grow exponentially. Blocks
+# whose printed form is longer than this stay separate.
+_MAX_INLINE_TEXT = 6000
 
 
 def _const(expr: Any) -> int | None:
@@ -54,7 +58,10 @@ def _inline_epilogues(sch, infos) -> None:
         consumers = sch.get_consumers(info.block_rv)
         if not consumers:
             continue
-        copy = "if_then_else" not in str(sch.get(info.block_rv))  # no padding condition
+        text = str(sch.get(info.block_rv))
+        if len(text) > _MAX_INLINE_TEXT:
+            continue
+        copy = "if_then_else" not in text  # no padding condition
         if not copy and not all(kinds.get(sch.get(c).name_hint, False) for c in consumers):
             continue
         try:

@@ -159,7 +159,7 @@ def test_token_ids_out_of_the_embedding_table_are_refused(tmp_path):
     result = api.compile(path, "host", tmp_path / "emb.edgekit")
     assert result.manifest["inputs"][0]["high"] == 10
     model = runtime.load(result.path)
-    ids = np.array([[0, 9, -10, 3, 4, 5]], np.int64)
+    ids = np.array([[0, 9, -10, -3, 4, 5]], np.int64)
     np.testing.assert_array_equal(model.run(ids)["y"], run_ort(onnx.load(path), {"ids": ids})[0])
     with pytest.raises(ValueError, match="table of 10 rows"):
         model.run(np.array([[0, 1, 2, 3, 4, 10]], np.int64))

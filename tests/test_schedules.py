@@ -199,3 +199,22 @@ def test_grouped_conv_tiled_and_odd_ops_match_onnxruntime(tmp_path):
     outs = runtime.load(result.path).run(inputs)
     for name, ref in zip(("y", "z"), refs, strict=True):
         assert np.abs(outs[name] - ref).max() / np.abs(ref).max() <= 1e-5, name
+
+
+def test_long_chain_of_polynomial_math_compiles(tmp_path):
+    """20 chained Tanh fuse into one kernel; each fast tanh reads its input several times, so
+    inlining every block would grow the expression exponentially (a compile that never ends)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edgekit import api
+
+    nodes = [helper.make_node("Tanh", [f"t{i}"], [f"t{i + 1}"]) for i in range(20)]
+    graph = helper.make_graph(
+        nodes, "chain", [helper.make_tensor_value_info("t0", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("t20", TensorProto.FLOAT, [1, 64])])
+    path = tmp_path / "chain.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    result = api.compile(path, "host", tmp_path / "chain.edgekit")
+    (check,) = result.manifest["verification"]["outputs"]
+    assert check["ok"]
