@@ -31,7 +31,7 @@ import onnx
 import onnx_ir as ir
 
 from edgekit.errors import EdgekitError
-from edgekit.passes._residual import Builder
+from edgekit.passes._ir import Builder
 from edgekit.verify import ort_session
 
 MARGIN = 0.1  # fraction of the calibrated width added on each side of a fitted interval
@@ -268,7 +268,7 @@ def replace_unary(model: ir.Model, ctx, functions: dict[str, Callable[[np.ndarra
 
     The fit is weighted by the calibration data (``fit_on_data``); ``degree`` > 0 fixes it.
     """
-    from edgekit.passes._residual import ensure_shapes
+    from edgekit.passes._ir import ensure_shapes
 
     ensure_shapes(model)
     nodes = [n for n in model.graph if n.op_type in functions and n.domain in ("", "ai.onnx")]

@@ -25,16 +25,13 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
-from edgekit.passes._ir import (  # noqa: F401 - re-exported to the passes that use `rs.`
-    Builder,
+from edgekit.passes._ir import (
     attr,
     axes_of,
     const_array,
     dims,
-    ensure_shapes,
     index_of,
     map_reshape,
-    onnx_opset,
     sliced_axes,
 )
 from edgekit.passes.core import PassRefused

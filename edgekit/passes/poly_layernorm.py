@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from edgekit.passes._ir import Builder, attr, const_array, dims, ensure_shapes, index_of
 from edgekit.passes._poly import Emitter, capture, describe, newton
-from edgekit.passes._residual import Builder, attr, const_array, dims, ensure_shapes, index_of
 from edgekit.passes.core import Pass, PassContext, PassReport
 
 

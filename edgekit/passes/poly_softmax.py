@@ -35,8 +35,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from edgekit.passes._ir import Builder, attr, dims, ensure_shapes
 from edgekit.passes._poly import Cheb, Emitter, Newton, capture, newton, span
-from edgekit.passes._residual import Builder, attr, dims, ensure_shapes
 from edgekit.passes.core import Pass, PassContext, PassReport
 
 MAX_SPAN = 1e3  # wider calibrated logit ranges mean an additive mask: not a polynomial's job

@@ -16,8 +16,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from edgekit.passes._ir import Builder, attr, const_array, dims, ensure_shapes
 from edgekit.passes._poly import Emitter, capture, describe, newton
-from edgekit.passes._residual import Builder, attr, const_array, dims, ensure_shapes
 from edgekit.passes.core import Pass, PassContext, PassReport
 from edgekit.passes.poly_softmax import _row_length
 
