@@ -366,7 +366,11 @@ def _progress_callback(total: int, deadline: float | None, progress: Progress, t
             progress(f"tuning: {self.done}/{total} trials, {elapsed:.0f} s")
             if deadline is not None and time.perf_counter() >= deadline:
                 for i, task in enumerate(task_scheduler.tasks_):
-                    if not task.is_terminated:
+                    # A task with candidates still in flight is stopped when its results come
+                    # back (this callback again): terminating it now fails MetaSchedule's
+                    # check when it is joined.
+                    idle = i == task_id or task.measure_candidates is None
+                    if idle and not task.is_terminated:
                         task_scheduler.terminate_task(i)
 
     return _Progress()
