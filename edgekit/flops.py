@@ -17,6 +17,7 @@ from collections import Counter
 import onnx
 
 from edgekit.errors import EdgekitError
+from edgekit.onnx_nodes import attr as _attr
 
 
 def _shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...] | None]:
@@ -33,13 +34,6 @@ def _shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...] | None]:
     for init in g.initializer:
         out[init.name] = tuple(init.dims)
     return out
-
-
-def _attr(node: onnx.NodeProto, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
 
 
 def _matmul(a: tuple[int, ...], b: tuple[int, ...]) -> int:

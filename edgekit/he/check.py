@@ -31,6 +31,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from edgekit.onnx_nodes import attr as _attr
+
 FREE = {"Add", "Sub", "Sum", "Neg", "Identity", "ReduceSum"}
 LAYOUT = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Expand", "Slice",
           "Concat", "Gather", "Split", "Tile", "Pad", "Dropout"}
@@ -171,13 +173,6 @@ def _rule(node: onnx.NodeProto, ins: list[Info | None], consts: dict) -> tuple[I
              "LayerNormalization": "poly-layernorm", "Tanh": "poly-act", "Sigmoid": "poly-act"}
     hint = f" (the {hints[op]} pass replaces it)" if op in hints else ""
     return top, f"{op} is not a polynomial on ciphertexts{hint}"
-
-
-def _attr(node: onnx.NodeProto, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
 
 
 def load(path) -> onnx.ModelProto:

@@ -30,6 +30,7 @@ from onnx import numpy_helper
 from edgekit.errors import EdgekitError
 from edgekit.he.check import check
 from edgekit.he.seal import Engine
+from edgekit.onnx_nodes import attr as _attr
 
 MAX_BITS = {4096: 109, 8192: 218, 16384: 438, 32768: 881}  # 128-bit security (SEAL)
 
@@ -97,13 +98,6 @@ def _plain(node: onnx.NodeProto, args: list) -> list[np.ndarray]:
 
     feeds = {n: a for n, a in zip(node.input, args, strict=True) if n}
     return list(ReferenceEvaluator(node).run(None, feeds))
-
-
-def _attr(node: onnx.NodeProto, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
 
 
 def _obj(a: np.ndarray) -> np.ndarray:

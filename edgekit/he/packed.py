@@ -37,6 +37,7 @@ from onnx import numpy_helper
 
 from edgekit.errors import EdgekitError
 from edgekit.he.seal import Ct, Engine
+from edgekit.onnx_nodes import attr as _attr
 
 ROW, KEY, PAIR = "row", "key", "pair"
 
@@ -120,13 +121,6 @@ def _rotsum(engine: Engine, x: Ct, seq: int) -> Ct:
     for step in rotations(seq):
         x = x + engine.rotate(x, step)
     return x
-
-
-def _attr(node: onnx.NodeProto, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
 
 
 def _relayout(v: Packed, shape: tuple[int, ...], tok_pos: list[int], order=None) -> Packed:

@@ -19,6 +19,7 @@ import onnx
 from onnx import numpy_helper
 
 from edgekit.errors import first_line
+from edgekit.onnx_nodes import attr as _attr
 from edgekit.passes._wpr import Emitter
 from edgekit.passes.core import PassRefused
 
@@ -81,13 +82,6 @@ def graph_info(model: onnx.ModelProto) -> GraphInfo:
         for x in node.input:
             info.consumers.setdefault(x, []).append(node)
     return info
-
-
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
 
 
 class _Walk:
