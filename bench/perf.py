@@ -81,7 +81,8 @@ def hf_model(name: str):
 
 def bench_inputs(model: onnx.ModelProto, specs: list[TensorSpec]) -> dict[str, np.ndarray]:
     """Seeded inputs: token ids over the model's embedding table, attention masks all ones."""
-    specs = [replace(s, high=s.high or verify.index_bounds(model).get(s.name)) for s in specs]
+    bounds = verify.index_bounds(model)
+    specs = [replace(s, high=s.high or bounds.get(s.name)) for s in specs]
     out = verify.seeded_inputs(specs, seed=0)
     for s in specs:
         if s.name == "attention_mask":
