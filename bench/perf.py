@@ -126,11 +126,10 @@ def median_ms(fn, repeat: int) -> float:
     return statistics.median(time_calls(fn, warmup=3, repeat=repeat))
 
 
-def edgekit_ms(onnx_path: Path, art: Path, inputs, repeat: int, **tuning) -> tuple[float, dict]:
+def edgekit_call(onnx_path: Path, art: Path, inputs, **tuning) -> tuple:
     specs = [TensorSpec(k, v.shape, str(v.dtype)) for k, v in inputs.items()]
     result = api.compile(onnx_path, "host", art, inputs=specs, **tuning)
-    call = runtime.load(art).prepare(inputs)
-    return median_ms(call, repeat), result.manifest["tuning"]
+    return runtime.load(art).prepare(inputs), result.manifest["tuning"]
 
 
 def run_model(name: str, work: Path, args) -> dict:
@@ -139,19 +138,27 @@ def run_model(name: str, work: Path, args) -> dict:
     torch.set_num_threads(args.threads)
     row: dict = {"model": name}
     onnx_path, inputs, torch_call = prepare(name, work)
+    calls = {}
+    calls["untuned"], _ = edgekit_call(onnx_path, work / f"{name}-u.edgekit", inputs,
+                                       tuning_db=work / "empty-db")
+    if args.trials or args.tune_minutes:
+        t0 = time.perf_counter()
+        calls["tuned"], info = edgekit_call(onnx_path, work / f"{name}-t.edgekit", inputs,
+                                            tune=True, trials=args.trials,
+                                            tune_minutes=args.tune_minutes,
+                                            tuning_db=work / "db" / name)
+        row["tune_s"] = time.perf_counter() - t0
+        row["tune_trials"] = info.get("trials")
+    # Every engine is timed here, back to back after all compiles and tuning, so that the
+    # ratios compare latencies measured under the same machine load.
     sess = verify.ort_session(str(onnx_path), threads=args.threads)
     row["ort"] = median_ms(lambda: sess.run(None, inputs), args.repeat)
     row["torch"] = median_ms(torch_call, args.repeat) if torch_call else None
-    row["untuned"], _ = edgekit_ms(onnx_path, work / f"{name}-u.edgekit", inputs, args.repeat,
-                                   tuning_db=work / "empty-db")
-    if args.trials or args.tune_minutes:
-        t0 = time.perf_counter()
-        row["tuned"], info = edgekit_ms(onnx_path, work / f"{name}-t.edgekit", inputs,
-                                        args.repeat, tune=True, trials=args.trials,
-                                        tune_minutes=args.tune_minutes,
-                                        tuning_db=work / "db" / name)
-        row["tune_s"] = time.perf_counter() - t0
-        row["tune_trials"] = info.get("trials")
+    for key, call in calls.items():
+        row[key] = median_ms(call, args.repeat)
+    print(f"[{name}] " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                                  for k, v in row.items() if k != "model"),
+          file=sys.stderr, flush=True)
     return row
 
 
@@ -185,6 +192,7 @@ def main() -> int:
             except Exception as exc:  # noqa: BLE001 - report and go on with the next model
                 msg = str(exc).strip().splitlines()
                 rows.append({"model": name, "error": msg[-1] if msg else type(exc).__name__})
+                print(f"[{name}] error: {rows[-1]['error']}", file=sys.stderr, flush=True)
     print(f"median latency in ms, batch 1, {args.threads} threads (ratio to onnxruntime)")
     print(f"{'model':<18} {'onnxruntime':>11} {'torch eager':>20} {'edgekit untuned':>20} "
           f"{'edgekit tuned':>20} {'tuning s':>9}")

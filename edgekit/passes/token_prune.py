@@ -24,6 +24,9 @@ layers separated by "/" (``layers=1/2/3``; "" = every layer but the first and th
 power iterations; ``vmin``/``vmax`` the head filter's bounds on var(N·s_h); ``eir`` (1) combines
 the heads by root mean square, 0 by their mean; ``cls`` the number of leading tokens always
 kept. ``importance`` = wpr | colmean | random (baselines; ``seed`` picks the random scores).
+Each pruning site adds its selection subgraph (about 60 ONNX nodes, 40 small TVM kernels), a
+fixed cost FLOPs do not count: on a small model one early site (``layers=1``) with a lower keep
+is faster than several sites with a higher keep for the same FLOPs (``bench/token_prune.py``).
 
 Approximate by design. Budget: the check allows a norm-wise relative output error of
 ``BUDGET`` = 1.0 on the check samples (seeded noise plus any ``--calibration`` data): the pruned
