@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper
 
-from edgekit import api, runtime, tune, verify
+from edgekit import api, runtime, tune, tune_check, verify
 from edgekit.cli import cli
 from edgekit.targets import load_target
 
@@ -55,7 +55,7 @@ def test_tuning_writes_the_database_and_the_manifest(tuned):
     assert info["records_applied"] == info["records_kept"]
     assert info["default_schedules"] == info["records_rejected"]
     assert info["records_unchecked"] == 0
-    (check,) = tune.load_checks(db).values()
+    (check,) = tune_check.load_checks(db).values()
     assert check.default_us > 0 and check.tuned_us > 0
     assert check.tuned_wins == bool(info["records_kept"])
     assert all(c["ok"] for c in first.manifest["verification"]["outputs"])
@@ -94,18 +94,18 @@ def test_a_record_slower_than_the_default_schedule_is_not_applied(tmp_path):
     (func,) = [f for _, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
     db = tmp_path / "db"
     database = tune.open_database(db)
-    workload = database.commit_workload(tune.workload_module(func))
-    naive = s_tir.Schedule(tune.workload_module(func))
+    workload = database.commit_workload(tune_check.workload_module(func))
+    naive = s_tir.Schedule(tune_check.workload_module(func))
     naive.get_sblock("compute")
     database.commit_tuning_record(ms.database.TuningRecord(
         naive.trace, workload, [1e-9], host.tvm_target(),
         ms.arg_info.ArgInfo.from_prim_func(func)))
-    _, counts = tune.apply_database(mod, host.tvm_target(), db)
+    _, counts = tune_check.apply_database(mod, host.tvm_target(), db)
     assert (counts.applied, counts.rejected, counts.unchecked) == (1, 0, 1)
-    assert tune.check_records(mod, host.tvm_target(), db) == (0, 1)
-    (check,) = tune.load_checks(db).values()
+    assert tune_check.check_records(mod, host.tvm_target(), db) == (0, 1)
+    (check,) = tune_check.load_checks(db).values()
     assert check.default_us < check.tuned_us
-    _, counts = tune.apply_database(mod, host.tvm_target(), db)
+    _, counts = tune_check.apply_database(mod, host.tvm_target(), db)
     assert (counts.applied, counts.rejected, counts.unchecked) == (0, 1, 0)
     result = api.compile(src, "host", tmp_path / "big.edgekit", tuning_db=db)
     info = result.manifest["tuning"]
