@@ -10,7 +10,9 @@ by the structural hash of each kernel, so any later compile for the same target 
 shares a kernel (same op, shapes, dtypes, constants folded the same way) reuses its record,
 with or without ``--tune``.
 
-Tuning never makes a kernel slower than edgekit's default schedule: see ``edgekit.tune_check``.
+Which kernel is tuned next, and how a ``--tune-minutes`` budget ends the session:
+``edgekit.tune_budget``. Tuning never makes a kernel slower than edgekit's default
+schedule: see ``edgekit.tune_check``.
 
     prepare(mod, target, request)      what ``compile`` does before ``tvm.compile`` on CPUs:
                                        lower, tune if asked, apply records, default schedules
@@ -39,6 +41,7 @@ from typing import Any
 
 from edgekit.errors import EdgekitError, last_line
 from edgekit.targets import Target
+from edgekit.tune_budget import Budget
 
 Progress = Callable[[str], None]
 SCHEDULED = "tirx.is_scheduled"
@@ -61,6 +64,7 @@ class TuneStats:
     budget_minutes: float | None
     cost_model: str
     db: str
+    tasks_tuned: int = 0  # kernels measured at least once (a short time budget may end first)
     records_kept: int = 0  # kernels whose record beat the default schedule
     records_rejected: int = 0  # kernels whose default schedule was as fast or faster
 
@@ -203,33 +207,6 @@ def scheduled_count(mod) -> int:
                if isinstance(f, tvm.tirx.PrimFunc) and f.attrs and f.attrs.get(SCHEDULED))
 
 
-def _progress_callback(total: int, deadline: float | None, progress: Progress, t0: float):
-    """A measure callback: report trials on the progress line, stop every task at the deadline."""
-    from tvm.ir.utils import derived_object
-    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
-
-    @derived_object
-    class _Progress(PyMeasureCallback):
-        def __init__(self) -> None:
-            self.done = 0
-
-        def apply(self, task_scheduler, task_id, measure_candidates, builder_results,
-                  runner_results) -> None:
-            self.done += len(measure_candidates)
-            elapsed = time.perf_counter() - t0
-            progress(f"tuning: {self.done}/{total} trials, {elapsed:.0f} s")
-            if deadline is not None and time.perf_counter() >= deadline:
-                for i, task in enumerate(task_scheduler.tasks_):
-                    # A task with candidates still in flight is stopped when its results come
-                    # back (this callback again): terminating it now fails MetaSchedule's
-                    # check when it is joined.
-                    idle = i == task_id or task.measure_candidates is None
-                    if idle and not task.is_terminated:
-                        task_scheduler.terminate_task(i)
-
-    return _Progress()
-
-
 def tune(
     mod,
     target: Target,
@@ -271,9 +248,8 @@ def tune(
         per_task, total = 10_000, 10_000 * len(tasks)
     cost_model = _cost_model()
     database = open_database(db)
-    t0 = time.perf_counter()
-    deadline = t0 + minutes * 60 if minutes is not None else None
-    callback = _progress_callback(total, deadline, progress, t0)
+    t0 = time.perf_counter()  # the budget's clock starts here, as does the Budget's own
+    budget = Budget(total, t0 + minutes * 60 if minutes is not None else None, progress)
     progress(f"tuning {len(tasks)} kernels, {total if trials or not minutes else '∞'} trials")
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="edgekit-tune-") as work, _host_tensor_intrinsics():
@@ -284,14 +260,14 @@ def tune(
                 num_trials_per_iter=min(16, per_task), database=database,
                 cost_model=cost_model, builder=_builder(), runner=_runner(),
                 measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"),
-                                   callback],
-                seed=seed)
+                                   budget.measure_callback()],
+                task_scheduler=budget.scheduler(), seed=seed)
         except EdgekitError:
             raise
         except Exception as exc:
             raise EdgekitError(f"MetaSchedule tuning failed: {last_line(exc)}") from exc
     kept, rejected = check_records(mod, tvm_target, db, progress)
-    return TuneStats(tasks=len(tasks), trials=callback.done,
+    return TuneStats(tasks=len(tasks), tasks_tuned=len(budget.batches), trials=budget.done,
                      seconds=round(time.perf_counter() - t0, 1), budget_trials=trials,
                      budget_minutes=minutes, cost_model=cost_model, db=str(db),
                      records_kept=kept, records_rejected=rejected)
