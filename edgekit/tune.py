@@ -10,21 +10,14 @@ by the structural hash of each kernel, so any later compile for the same target 
 shares a kernel (same op, shapes, dtypes, constants folded the same way) reuses its record,
 with or without ``--tune``.
 
-Tuning never makes a kernel slower than edgekit's default schedule (``edgekit.schedules``):
-after a session, every kernel of the model that has a record is built twice, with the
-record's schedule and with the default schedule, and the two are timed alternately in this
-process on the same random inputs (best of several runs each). The result goes into
-``edgekit_default_check.json`` next to the records, keyed by the kernel's workload and the
-structural hashes of both schedules; a compile applies a record only if that check did not
-find the default faster (a record with no check for the current default, e.g. one from before
-this check or after the default schedules changed, is applied as before and counted as
-unchecked).
+Which kernel is tuned next, and how a ``--tune-minutes`` budget ends the session:
+``edgekit.tune_budget``. Tuning never makes a kernel slower than edgekit's default
+schedule: see ``edgekit.tune_check``.
 
     prepare(mod, target, request)      what ``compile`` does before ``tvm.compile`` on CPUs:
                                        lower, tune if asked, apply records, default schedules
     lower(mod, tvm_target)             Relax -> legalized, fused TIR kernels (what is tuned)
     tune(mod, target, db, ...)         measure and record schedules (needs to run here)
-    apply_database(mod, tvm_target, db) put recorded schedules into the module
 """
 
 from __future__ import annotations
@@ -48,15 +41,15 @@ from typing import Any
 
 from edgekit.errors import EdgekitError, last_line
 from edgekit.targets import Target
+from edgekit.tune_budget import Budget
 
 Progress = Callable[[str], None]
 SCHEDULED = "tirx.is_scheduled"
 _WORKLOADS = "database_workload.json"
 _RECORDS = "database_tuning_record.json"
-_CHECKS = "edgekit_default_check.json"
 
 
-def _quiet(_: str) -> None:
+def no_progress(_: str) -> None:
     pass
 
 
@@ -71,6 +64,7 @@ class TuneStats:
     budget_minutes: float | None
     cost_model: str
     db: str
+    tasks_tuned: int = 0  # kernels measured at least once (a short time budget may end first)
     records_kept: int = 0  # kernels whose record beat the default schedule
     records_rejected: int = 0  # kernels whose default schedule was as fast or faster
 
@@ -89,11 +83,12 @@ class TuningRequest:
 
 
 def prepare(mod, target: Target, request: TuningRequest | None = None,
-            progress: Progress = _quiet) -> tuple[Any, dict[str, Any]]:
+            progress: Progress = no_progress) -> tuple[Any, dict[str, Any]]:
     """Lower a Relax module for a CPU target and schedule every kernel: tune first when asked,
     then tuning records from the database, then default schedules for the rest.
     Returns (module ready for ``tvm.compile``, the manifest's ``tuning`` record)."""
     from edgekit import schedules
+    from edgekit.tune_check import apply_database
 
     request = request or TuningRequest()
     tvm_target = target.tvm_target()
@@ -118,11 +113,12 @@ def prepare(mod, target: Target, request: TuningRequest | None = None,
 
 def tune_model(onnx_path: str | Path, target: str, inputs=(), trials: int | None = None,
                minutes: float | None = None, db: str | Path | None = None,
-               progress: Progress = _quiet) -> dict[str, Any]:
+               progress: Progress = no_progress) -> dict[str, Any]:
     """``edgekit tune``: tune an ONNX model's kernels into the database, write no artifact."""
     from edgekit import compile as tvm_compile
     from edgekit import intake, verify
     from edgekit.targets import load_target
+    from edgekit.tune_check import apply_database
 
     tgt = load_target(target)
     model = intake.load_onnx(onnx_path, inputs)
@@ -211,178 +207,13 @@ def scheduled_count(mod) -> int:
                if isinstance(f, tvm.tirx.PrimFunc) and f.attrs and f.attrs.get(SCHEDULED))
 
 
-def apply_database(mod, tvm_target, db: Path):
-    """Replace kernels that have a record in ``db``, except those whose check found the default
-    schedule faster. Returns (module, ``ApplyCounts``)."""
-    import tvm
-    from tvm import relax
-
-    if not has_records(db):
-        return mod, ApplyCounts()
-    before = scheduled_count(mod)
-    database = open_database(db)
-    with tvm_target, database, tvm.transform.PassContext(opt_level=3):
-        out = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
-    checks, counts = load_checks(db), ApplyCounts()
-    for gv, (norm, default, tuned) in _kernels_with_records(mod, tvm_target, database).items():
-        check = checks.get(_hash(norm))
-        if check is None or check.default != _hash(default) or check.tuned != _hash(tuned):
-            counts.unchecked += 1
-        elif not check.tuned_wins:  # keep the original kernel: apply_default schedules it
-            out.update_func(gv, mod[gv])
-            counts.rejected += 1
-    counts.applied = scheduled_count(out) - before
-    return out, counts
-
-
-@dataclass
-class ApplyCounts:
-    """Kernels given a tuning record's schedule, and records left out or not checked."""
-
-    applied: int = 0
-    rejected: int = 0  # the default schedule measured faster than the record
-    unchecked: int = 0  # applied with no check against the current default schedule
-
-
-@dataclass(frozen=True)
-class KernelCheck:
-    """A tuning record against the default schedule of the same kernel, timed together."""
-
-    default_us: float
-    tuned_us: float
-    default: str  # structural hashes of the two schedules that were timed
-    tuned: str
-
-    @property
-    def tuned_wins(self) -> bool:
-        return self.tuned_us < self.default_us
-
-
-def _hash(obj) -> str:
-    from tvm_ffi import structural_hash
-
-    return f"{structural_hash(obj) & 0xFFFFFFFFFFFFFFFF:016x}"
-
-
-def workload_module(func):
-    """The one-kernel module MetaSchedule keys a kernel's records by."""
-    import tvm
-
-    return tvm.get_global_func("tvm.s_tir.meta_schedule.normalize_mod")(func)
-
-
-def _kernels_with_records(mod, tvm_target, database) -> dict:
-    """{global var: (workload module, default-scheduled kernel, record-scheduled kernel)} for
-    every unscheduled kernel of ``mod`` that ``database`` has a record for."""
-    import tvm
-
-    from edgekit import schedules
-
-    out = {}
-    for gv, func in mod.functions.items():
-        if not isinstance(func, tvm.tirx.PrimFunc) or (func.attrs and func.attrs.get(SCHEDULED)):
-            continue
-        norm = workload_module(func)
-        sch = database.query_schedule(norm, tvm_target, "main")
-        if sch is None:
-            continue
-        default, _ = schedules.apply_default(tvm.IRModule({"main": norm["main"]}), tvm_target)
-        out[gv] = (norm, default["main"], sch.mod["main"])
-    return out
-
-
-def load_checks(db: Path) -> dict[str, KernelCheck]:
-    try:
-        raw = json.loads((db / _CHECKS).read_text())
-        return {k: KernelCheck(**v) for k, v in raw.items()}
-    except (OSError, ValueError, TypeError):
-        return {}
-
-
-def _time_kernels(funcs: list, tvm_target, rounds: int = 2) -> list[float]:
-    """Best seconds per call of each kernel, timed alternately on the same random inputs
-    (so a busy machine slows all of them alike)."""
-    import numpy as np
-    import tvm
-    from tvm.s_tir import meta_schedule as ms
-
-    dev, rng = tvm.cpu(), np.random.default_rng(0)
-    args = []
-    for info in ms.arg_info.ArgInfo.from_prim_func(funcs[0]):
-        shape, dtype = [int(d) for d in info.shape], str(info.dtype)
-        # integer arguments are indices (Gather...): zeros are always in range
-        data = rng.uniform(-1, 1, shape) if "float" in dtype else np.zeros(shape)
-        args.append(tvm.runtime.tensor(data.astype(dtype), dev))
-    timers = []
-    for func in funcs:
-        built = _build(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
-                       tvm_target, None)
-        timers.append(built.time_evaluator("main", dev, number=1, repeat=3, min_repeat_ms=20))
-    best = [math.inf] * len(funcs)
-    for _ in range(rounds):
-        for i, timer in enumerate(timers):
-            best[i] = min(best[i], min(timer(*args).results))
-    return best
-
-
-def check_records(mod, tvm_target, db: Path, progress: Progress = _quiet) -> tuple[int, int]:
-    """Time every kernel of ``mod`` that has a record against its default schedule and save
-    the outcome for ``apply_database``. Returns (records kept, records the default beat); a
-    kernel that cannot be timed here (symbolic shapes) is in neither and stays unchecked."""
-    database = open_database(db)
-    kernels = _kernels_with_records(mod, tvm_target, database)
-    checks, kept, rejected = load_checks(db), 0, 0
-    for i, (norm, default, tuned) in enumerate(kernels.values()):
-        progress(f"checking tuned kernels against default schedules: {i + 1}/{len(kernels)}")
-        try:
-            default_s, tuned_s = _time_kernels([default, tuned], tvm_target)
-        except Exception as exc:  # noqa: BLE001 - e.g. symbolic shapes: the record stays unchecked
-            progress(f"cannot time kernel {i + 1} against its default: {last_line(exc)}")
-            continue
-        check = KernelCheck(round(default_s * 1e6, 3), round(tuned_s * 1e6, 3), _hash(default),
-                            _hash(tuned))
-        checks[_hash(norm)] = check
-        kept, rejected = kept + check.tuned_wins, rejected + (not check.tuned_wins)
-    tmp = db / f".{_CHECKS}.tmp"  # atomic: a compile reading it never sees half a file
-    tmp.write_text(json.dumps({k: asdict(v) for k, v in checks.items()}, indent=1))
-    os.replace(tmp, db / _CHECKS)
-    return kept, rejected
-
-
-def _progress_callback(total: int, deadline: float | None, progress: Progress, t0: float):
-    """A measure callback: report trials on the progress line, stop every task at the deadline."""
-    from tvm.ir.utils import derived_object
-    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
-
-    @derived_object
-    class _Progress(PyMeasureCallback):
-        def __init__(self) -> None:
-            self.done = 0
-
-        def apply(self, task_scheduler, task_id, measure_candidates, builder_results,
-                  runner_results) -> None:
-            self.done += len(measure_candidates)
-            elapsed = time.perf_counter() - t0
-            progress(f"tuning: {self.done}/{total} trials, {elapsed:.0f} s")
-            if deadline is not None and time.perf_counter() >= deadline:
-                for i, task in enumerate(task_scheduler.tasks_):
-                    # A task with candidates still in flight is stopped when its results come
-                    # back (this callback again): terminating it now fails MetaSchedule's
-                    # check when it is joined.
-                    idle = i == task_id or task.measure_candidates is None
-                    if idle and not task.is_terminated:
-                        task_scheduler.terminate_task(i)
-
-    return _Progress()
-
-
 def tune(
     mod,
     target: Target,
     db: Path,
     trials: int | None = None,
     minutes: float | None = None,
-    progress: Progress = _quiet,
+    progress: Progress = no_progress,
     seed: int | None = 0,
 ) -> TuneStats:
     """Tune the kernels of a lowered module (see ``lower``) and add the records to ``db``.
@@ -392,6 +223,8 @@ def tune(
     Then every kernel with a record is checked against its default schedule
     (``check_records``; a few seconds per kernel, outside the budget)."""
     from tvm.s_tir import meta_schedule as ms
+
+    from edgekit.tune_check import check_records
 
     if not target.runs_on_host or target.device != "cpu":
         raise EdgekitError(f"tuning measures on this machine; target {target.name!r} does not "
@@ -415,9 +248,8 @@ def tune(
         per_task, total = 10_000, 10_000 * len(tasks)
     cost_model = _cost_model()
     database = open_database(db)
-    t0 = time.perf_counter()
-    deadline = t0 + minutes * 60 if minutes is not None else None
-    callback = _progress_callback(total, deadline, progress, t0)
+    t0 = time.perf_counter()  # the budget's clock starts here, as does the Budget's own
+    budget = Budget(total, t0 + minutes * 60 if minutes is not None else None, progress)
     progress(f"tuning {len(tasks)} kernels, {total if trials or not minutes else '∞'} trials")
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="edgekit-tune-") as work, _host_tensor_intrinsics():
@@ -428,14 +260,14 @@ def tune(
                 num_trials_per_iter=min(16, per_task), database=database,
                 cost_model=cost_model, builder=_builder(), runner=_runner(),
                 measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"),
-                                   callback],
-                seed=seed)
+                                   budget.measure_callback()],
+                task_scheduler=budget.scheduler(), seed=seed)
         except EdgekitError:
             raise
         except Exception as exc:
             raise EdgekitError(f"MetaSchedule tuning failed: {last_line(exc)}") from exc
     kept, rejected = check_records(mod, tvm_target, db, progress)
-    return TuneStats(tasks=len(tasks), trials=callback.done,
+    return TuneStats(tasks=len(tasks), tasks_tuned=len(budget.batches), trials=budget.done,
                      seconds=round(time.perf_counter() - t0, 1), budget_trials=trials,
                      budget_minutes=minutes, cost_model=cost_model, db=str(db),
                      records_kept=kept, records_rejected=rejected)
@@ -464,7 +296,7 @@ def _host_tensor_intrinsics():
             del sys.modules[name]
 
 
-def _build(mod, target, _params):
+def build_kernel(mod, target, _params=None):
     """MetaSchedule's build step without importing every tensor intrinsic (CUDA, ARM...)
     in each worker: that import alone takes ~1 min of CPU, and fp32 CPU schedules use none."""
     from tvm.driver import build as tir_build
@@ -477,7 +309,7 @@ def _build(mod, target, _params):
 def _builder():
     from tvm.s_tir import meta_schedule as ms
 
-    return ms.builder.LocalBuilder(f_build=_build, timeout_sec=120.0)
+    return ms.builder.LocalBuilder(f_build=build_kernel, timeout_sec=120.0)
 
 
 def _runner():

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper
 
-from edgekit import api, runtime, tune, verify
+from edgekit import api, runtime, tune, tune_check, verify
 from edgekit.cli import cli
 from edgekit.targets import load_target
 
@@ -55,7 +55,7 @@ def test_tuning_writes_the_database_and_the_manifest(tuned):
     assert info["records_applied"] == info["records_kept"]
     assert info["default_schedules"] == info["records_rejected"]
     assert info["records_unchecked"] == 0
-    (check,) = tune.load_checks(db).values()
+    (check,) = tune_check.load_checks(db).values()
     assert check.default_us > 0 and check.tuned_us > 0
     assert check.tuned_wins == bool(info["records_kept"])
     assert all(c["ok"] for c in first.manifest["verification"]["outputs"])
@@ -94,18 +94,18 @@ def test_a_record_slower_than_the_default_schedule_is_not_applied(tmp_path):
     (func,) = [f for _, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
     db = tmp_path / "db"
     database = tune.open_database(db)
-    workload = database.commit_workload(tune.workload_module(func))
-    naive = s_tir.Schedule(tune.workload_module(func))
+    workload = database.commit_workload(tune_check.workload_module(func))
+    naive = s_tir.Schedule(tune_check.workload_module(func))
     naive.get_sblock("compute")
     database.commit_tuning_record(ms.database.TuningRecord(
         naive.trace, workload, [1e-9], host.tvm_target(),
         ms.arg_info.ArgInfo.from_prim_func(func)))
-    _, counts = tune.apply_database(mod, host.tvm_target(), db)
+    _, counts = tune_check.apply_database(mod, host.tvm_target(), db)
     assert (counts.applied, counts.rejected, counts.unchecked) == (1, 0, 1)
-    assert tune.check_records(mod, host.tvm_target(), db) == (0, 1)
-    (check,) = tune.load_checks(db).values()
+    assert tune_check.check_records(mod, host.tvm_target(), db) == (0, 1)
+    (check,) = tune_check.load_checks(db).values()
     assert check.default_us < check.tuned_us
-    _, counts = tune.apply_database(mod, host.tvm_target(), db)
+    _, counts = tune_check.apply_database(mod, host.tvm_target(), db)
     assert (counts.applied, counts.rejected, counts.unchecked) == (0, 1, 0)
     result = api.compile(src, "host", tmp_path / "big.edgekit", tuning_db=db)
     info = result.manifest["tuning"]
@@ -131,3 +131,61 @@ def test_tuning_a_cross_target_is_a_one_line_error(tmp_path):
     assert result.output.startswith("error: tuning measures on this machine")
     assert len(result.output.strip().splitlines()) == 1
     assert not tune.has_records(tmp_path / "db")
+
+
+def _two_kernels(path):
+    """y = relu(x @ w1) @ w2 + 1: a matmul-relu kernel and a matmul-add kernel."""
+    rng = np.random.default_rng(0)
+    w1, w2 = (rng.standard_normal((32, 32)).astype(np.float32) for _ in range(2))
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["m"]), helper.make_node("Relu", ["m"], ["r"]),
+         helper.make_node("MatMul", ["r", "w2"], ["n"]),
+         helper.make_node("Add", ["n", "one"], ["y"])],
+        "two", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 32])],
+        [helper.make_tensor("w1", TensorProto.FLOAT, [32, 32], w1.ravel()),
+         helper.make_tensor("w2", TensorProto.FLOAT, [32, 32], w2.ravel()),
+         helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_a_time_budget_ends_the_session_and_the_build_is_still_verified(tmp_path):
+    """A budget far shorter than one batch per kernel: the scheduler stops at the deadline
+    (MetaSchedule joins what is in flight), fewer kernels than exist may be measured, and the
+    compile goes on with records or default schedules, verified."""
+    src = _two_kernels(tmp_path / "two.onnx")
+    result = api.compile(src, "host", tmp_path / "two.edgekit", tune=True, tune_minutes=0.01,
+                         tuning_db=tmp_path / "db")
+    info = result.manifest["tuning"]
+    assert info["tuned"] is True and info["budget_minutes"] == 0.01 and info["tasks"] == 2
+    assert 0 <= info["tasks_tuned"] <= info["tasks"]
+    assert info["trials"] <= 16 * max(info["tasks_tuned"], 1)  # at most the batch in flight
+    assert info["records_applied"] + info["default_schedules"] == info["kernels"] == 2
+    assert all(c["ok"] for c in result.manifest["verification"]["outputs"])
+
+
+def test_the_budget_measures_the_largest_kernels_first_then_the_most_time_left():
+    from types import SimpleNamespace
+
+    from edgekit.tune_budget import Budget
+
+    def result(secs):
+        return SimpleNamespace(error_msg=None, run_secs=[secs])
+
+    Task = SimpleNamespace
+    tasks = [Task(is_terminated=False, task_weight=1.0, flop=10.0),
+             Task(is_terminated=False, task_weight=2.0, flop=100.0),
+             Task(is_terminated=True, task_weight=9.0, flop=1e9),  # finished: never picked
+             Task(is_terminated=False, task_weight=1.0, flop=50.0)]
+    budget = Budget(total=100, deadline=None, progress=lambda _: None)
+    assert [budget.pick(tasks) for _ in range(3)] == [1, 3, 0]  # weight x FLOPs, largest first
+    budget.record(1, [result(1e-3)])
+    budget.record(3, [result(8e-3), SimpleNamespace(error_msg="build failed", run_secs=[])])
+    budget.record(0, [result(5e-3)])
+    # then weight x best time / batches: task 3 (8 ms), task 0 (5 ms) and task 3 again
+    # (8/2 = 4 ms) before task 1 (2 x 1 ms)
+    assert [budget.pick(tasks) for _ in range(3)] == [3, 0, 3]
+    assert budget.best == {1: 1e-3, 3: 8e-3, 0: 5e-3} and budget.done == 4
+    expired = Budget(total=100, deadline=0.0, progress=lambda _: None)
+    assert expired.pick(tasks) == -1
