@@ -252,7 +252,8 @@ def tune(
     budget = Budget(total, t0 + minutes * 60 if minutes is not None else None, progress)
     progress(f"tuning {len(tasks)} kernels, {total if trials or not minutes else '∞'} trials")
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
-    with tempfile.TemporaryDirectory(prefix="edgekit-tune-") as work, _host_tensor_intrinsics():
+    with (tempfile.TemporaryDirectory(prefix="edgekit-tune-") as work,
+          _host_tensor_intrinsics(), _unnamed_log_handlers_detached()):
         try:
             ms.relax_integration.tune_relax(
                 mod=mod, params={}, target=tvm_target, work_dir=work,
@@ -271,6 +272,22 @@ def tune(
                      seconds=round(time.perf_counter() - t0, 1), budget_trials=trials,
                      budget_minutes=minutes, cost_model=cost_model, db=str(db),
                      records_kept=kept, records_rejected=rejected)
+
+
+@contextlib.contextmanager
+def _unnamed_log_handlers_detached():
+    """MetaSchedule's ``create_loggers`` hands dictConfig the names of the handlers already on
+    its logger and fails ("'NoneType' object has no attribute 'format'") on one without a name,
+    e.g. pytest's capture handler or an application's own. Such handlers sit out the session."""
+    log = logging.getLogger("tvm.s_tir.meta_schedule")
+    unnamed = [h for h in log.handlers if h.get_name() is None]
+    for handler in unnamed:
+        log.removeHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in unnamed:
+            log.addHandler(handler)
 
 
 @contextlib.contextmanager
