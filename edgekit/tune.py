@@ -248,8 +248,7 @@ def tune(
         per_task, total = 10_000, 10_000 * len(tasks)
     cost_model = _cost_model()
     database = open_database(db)
-    t0 = time.perf_counter()  # the budget's clock starts here, as does the Budget's own
-    budget = Budget(total, t0 + minutes * 60 if minutes is not None else None, progress)
+    budget = Budget(total, minutes, progress)
     progress(f"tuning {len(tasks)} kernels, {total if trials or not minutes else '∞'} trials")
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     with (tempfile.TemporaryDirectory(prefix="edgekit-tune-") as work,
@@ -269,7 +268,7 @@ def tune(
             raise EdgekitError(f"MetaSchedule tuning failed: {last_line(exc)}") from exc
     kept, rejected = check_records(mod, tvm_target, db, progress)
     return TuneStats(tasks=len(tasks), tasks_tuned=len(budget.batches), trials=budget.done,
-                     seconds=round(time.perf_counter() - t0, 1), budget_trials=trials,
+                     seconds=round(time.perf_counter() - budget.t0, 1), budget_trials=trials,
                      budget_minutes=minutes, cost_model=cost_model, db=str(db),
                      records_kept=kept, records_rejected=rejected)
 

@@ -27,9 +27,10 @@ from collections.abc import Callable
 class Budget:
     """Shared state of one tuning session: trials done, best time and batches per task."""
 
-    def __init__(self, total: int, deadline: float | None, progress: Callable[[str], None]):
-        self.total, self.deadline, self.progress = total, deadline, progress
-        self.t0 = time.perf_counter()
+    def __init__(self, total: int, minutes: float | None, progress: Callable[[str], None]):
+        self.total, self.progress = total, progress
+        self.t0 = time.perf_counter()  # the session's clock: the deadline and elapsed time
+        self.deadline = self.t0 + minutes * 60 if minutes is not None else None
         self.done = 0
         self.best: dict[int, float] = {}  # task id -> best median seconds measured
         self.batches: dict[int, int] = {}  # task id -> batches sent
@@ -47,9 +48,8 @@ class Budget:
         if self.deadline is None:
             self.progress(f"tuning: {self.done}/{self.total} trials, {elapsed:.0f} s")
         else:
-            budget = self.deadline - self.t0
             self.progress(f"tuning: {self.done} trials, {len(self.batches)} kernels, "
-                          f"{elapsed:.0f}/{budget:.0f} s")
+                          f"{elapsed:.0f}/{self.deadline - self.t0:.0f} s")
 
     def pick(self, tasks) -> int:
         """The next task id among ``tasks`` (MetaSchedule TaskRecords), or -1 to stop."""

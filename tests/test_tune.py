@@ -178,7 +178,7 @@ def test_the_budget_measures_the_largest_kernels_first_then_the_most_time_left()
              Task(is_terminated=False, task_weight=2.0, flop=100.0),
              Task(is_terminated=True, task_weight=9.0, flop=1e9),  # finished: never picked
              Task(is_terminated=False, task_weight=1.0, flop=50.0)]
-    budget = Budget(total=100, deadline=None, progress=lambda _: None)
+    budget = Budget(total=100, minutes=None, progress=lambda _: None)
     assert [budget.pick(tasks) for _ in range(3)] == [1, 3, 0]  # weight x FLOPs, largest first
     budget.record(1, [result(1e-3)])
     budget.record(3, [result(8e-3), SimpleNamespace(error_msg="build failed", run_secs=[])])
@@ -187,5 +187,5 @@ def test_the_budget_measures_the_largest_kernels_first_then_the_most_time_left()
     # (8/2 = 4 ms) before task 1 (2 x 1 ms)
     assert [budget.pick(tasks) for _ in range(3)] == [3, 0, 3]
     assert budget.best == {1: 1e-3, 3: 8e-3, 0: 5e-3} and budget.done == 4
-    expired = Budget(total=100, deadline=0.0, progress=lambda _: None)
+    expired = Budget(total=100, minutes=0.0, progress=lambda _: None)  # deadline = now
     assert expired.pick(tasks) == -1
