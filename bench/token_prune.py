@@ -89,17 +89,11 @@ def sweep(base: onnx.ModelProto, samples: list, settings: list[dict], seeds: int
 def digits(seeds: int, layer_sets: tuple[str, ...]) -> list[dict]:
     base, x_tr, x_te, y_te = digits_model()
     samples = [{"image": x_tr[i:i + 1]} for i in range(2)]
-
-    def logits(model: onnx.ModelProto) -> np.ndarray:
-        sess = ort_session(model)
-        return np.concatenate([sess.run(None, {"image": x_te[i:i + 1]})[0]
-                               for i in range(len(x_te))])
-
-    ref = logits(base)
+    ref = digits_logits(base, x_te)
     lp0 = log_softmax(ref)
 
     def score(model: onnx.ModelProto) -> dict:
-        out = logits(model)
+        out = digits_logits(model, x_te)
         lp = log_softmax(out)
         return {"top-1 %": 100 * float(np.mean(out.argmax(1) == y_te)),
                 "agree %": 100 * float(np.mean(out.argmax(1) == ref.argmax(1))),
@@ -121,6 +115,13 @@ def digits_model():
         raise SystemExit("digits-vit: export differs from torch")
     x_tr, _, x_te, y_te = digits_vit.digits_split()
     return base, x_tr, x_te, y_te
+
+
+def digits_logits(model: onnx.ModelProto, images: np.ndarray) -> np.ndarray:
+    """onnxruntime logits of ``model`` for each image, one at a time (batch 1, as exported)."""
+    sess = ort_session(model)
+    return np.concatenate([sess.run(None, {"image": images[i:i + 1]})[0]
+                           for i in range(len(images))])
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -243,9 +244,7 @@ def latency_table(repeat: int) -> None:
           "|---|---|---|---|---|---|---|---|")
     f0 = flops.count(base)
     for tag, (tvm_ms, ort_ms) in lat.items():
-        sess = ort_session(timed[tag][0])
-        top1 = np.mean([np.argmax(sess.run(None, {"image": x_te[i:i + 1]})[0]) == y_te[i]
-                        for i in range(len(x_te))])
+        top1 = np.mean(digits_logits(timed[tag][0], x_te).argmax(1) == y_te)
         print(f"| {tag} | {flops.count(timed[tag][0]) / f0:.3f}× | {100 * top1:.2f} | "
               f"{ort_ms:.3f} | {ort_ms / o0:.3f} | {tvm_ms:.3f} | {tvm_ms / t0:.3f} | "
               f"{t0 / tvm_ms:.2f}× |", flush=True)
