@@ -56,25 +56,11 @@ def canvas_data(epochs: int):
         return torch.from_numpy(out)
 
     held_out = paste(x_te)
-    recipe = {**digits_vit.RECIPE, "epochs": epochs}
-    torch.manual_seed(0)
-    model = digits_vit._model(**recipe)
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=recipe["wd"])
-    batches = (len(x_tr) + recipe["batch"] - 1) // recipe["batch"]
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, recipe["lr"], total_steps=epochs * batches)
-    gen, y = torch.Generator().manual_seed(0), torch.from_numpy(y_tr.astype(np.int64))
-    model.train()
-    for epoch in range(epochs):
-        print(f"canvas: training epoch {epoch + 1}/{epochs}", file=sys.stderr, flush=True)
-        x_ep = paste(x_tr)
-        for idx in torch.randperm(len(x_ep), generator=gen).split(recipe["batch"]):
-            loss = torch.nn.functional.cross_entropy(model(x_ep[idx]), y[idx],
-                                                     label_smoothing=0.1)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    return model.eval(), held_out, torch.from_numpy(y_te.astype(np.int64))
+    y = torch.from_numpy(y_tr.astype(np.int64))
+    model = digits_vit.train(0, epochs, data=lambda _epoch: (paste(x_tr), y),
+                             log=lambda epoch: print(f"canvas: training epoch {epoch + 1}/"
+                                                     f"{epochs}", file=sys.stderr, flush=True))
+    return model, held_out, torch.from_numpy(y_te.astype(np.int64))
 
 
 def forward_pruned(net, x: torch.Tensor, layers: list[int], keep: float, rank) -> torch.Tensor:
