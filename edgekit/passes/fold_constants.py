@@ -20,6 +20,7 @@ smaller computed than stored); such nodes are listed as skipped with their size.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import Counter
 
@@ -62,12 +63,17 @@ def apply(model: ir.Model, ctx: PassContext, max_elements: int = 1 << 22) -> Pas
                        if v.const_value is not None)
     # ConstantOfShape is on onnxscript's keep list (it can expand a tiny shape into a huge
     # tensor); output_size_limit still bounds what is stored, so fold it like any other op
+    folder_log = logging.getLogger("onnxscript.optimizer._constant_folding")
+    level = folder_log.level
+    folder_log.setLevel(logging.ERROR)  # "Evaluation failed" per node: reported as skipped below
     try:
         onnxscript.optimizer.fold_constants(
             model, input_size_limit=max_elements, output_size_limit=max_elements,
             should_fold=lambda n: True if n.op_type == "ConstantOfShape" else None)
     except Exception as exc:  # noqa: BLE001 - the folder's evaluator failed on some node
         raise PassRefused(f"onnxscript's constant folder failed: {first_line(exc)}") from None
+    finally:
+        folder_log.setLevel(level)
     RemoveUnusedNodesPass()(model)
     constants = sum(n.op_type == "Constant" for n in graph)
     LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)

@@ -106,7 +106,11 @@ def prune_model(model: onnx.ModelProto, layers: list[int] | None, keep: float, s
     info = graph_info(model)
     softmaxes = [s.name for s in _attention_softmaxes(info)]
     if not softmaxes:
-        raise PassRefused("no self-attention Softmax shaped (B, H, N, N) in the model")
+        unknown = sum(n.op_type == "Softmax" and info.shape(n.output[0]) is None
+                      for n in info.model.graph.node)
+        hint = (f": {unknown} Softmax output(s) have no static shape (Shape/Gather chains from "
+                "the exporter?); run fold-constants before token-prune") if unknown else ""
+        raise PassRefused(f"no self-attention Softmax shaped (B, H, N, N) in the model{hint}")
     chosen = layers if layers is not None else list(range(1, len(softmaxes) - 1))
     bad = [i for i in chosen if not 0 <= i < len(softmaxes)]
     if bad:

@@ -102,8 +102,9 @@ def test_cls_kept_even_when_ignored():
         assert got[0, 0] == 0 and np.all(np.diff(got[0]) > 0)
 
 
-def export(net, args: tuple, names: list[str]) -> onnx.ModelProto:
-    """TorchScript export: seconds instead of the dynamo exporter's minute (bench/ uses that)."""
+def export(net, args: tuple, names: list[str], fold: bool = True) -> onnx.ModelProto:
+    """TorchScript export: seconds instead of the dynamo exporter's minute (bench/ uses that);
+    ``fold``: fold its Shape chains into constants."""
     import io
     import warnings
 
@@ -113,7 +114,8 @@ def export(net, args: tuple, names: list[str]) -> onnx.ModelProto:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(net, args, buf, input_names=names, dynamo=False, opset_version=18)
-    return static_shapes(onnx.load_from_string(buf.getvalue()))
+    model = onnx.load_from_string(buf.getvalue())
+    return static_shapes(model) if fold else model
 
 
 def static_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -200,8 +202,7 @@ def test_keep_all_is_unchanged_and_refusals(tiny_vit, add_relu_onnx):
     assert run.status == "refused" and "layer 7" in run.message
 
 
-@pytest.fixture(scope="module")
-def tiny_bert() -> onnx.ModelProto:
+def tiny_bert_export(fold: bool = True) -> onnx.ModelProto:
     """A 2-layer BERT (random weights) with masked mean pooling, like sentence-transformers."""
     import torch
     import transformers as tf
@@ -223,7 +224,20 @@ def tiny_bert() -> onnx.ModelProto:
             return (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
 
     ones = torch.ones(1, 16, dtype=torch.int64)
-    return export(Pooled().eval(), (ones, ones), ["input_ids", "attention_mask"])
+    return export(Pooled().eval(), (ones, ones), ["input_ids", "attention_mask"], fold)
+
+
+@pytest.fixture(scope="module")
+def tiny_bert() -> onnx.ModelProto:
+    return tiny_bert_export()
+
+
+def test_unfolded_shape_chains_refuse_and_name_the_fix():
+    """The raw TorchScript export computes shapes at run time: no static attention shape."""
+    raw = tiny_bert_export(fold=False)
+    new, run = run_pass(raw, PASS, PASS.parse_params({"keep": "0.5"}), [])
+    assert run.status == "refused" and "run fold-constants before token-prune" in run.message
+    assert new is raw
 
 
 def test_padding_is_pruned_first_and_stays_masked(tiny_bert):
