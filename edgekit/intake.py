@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -83,11 +83,34 @@ def load_onnx(path: str | Path, overrides: Sequence[TensorSpec] = ()) -> onnx.Mo
         raise EdgekitError(f"{path} is not a readable ONNX model: it has an empty graph")
     try:
         onnx.checker.check_model(model)
-        model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     except Exception as exc:
         raise EdgekitError(f"{path} fails the ONNX checker: {first_line(exc)}") from None
     onnx_input_specs(model, overrides)  # surfaces dynamic dims and unknown --input names early
+    _fix_input_dims(model, overrides)
+    try:
+        model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    except Exception as exc:
+        raise EdgekitError(f"{path} fails ONNX shape inference: {first_line(exc)}") from None
     return model
+
+
+def _fix_input_dims(model: onnx.ModelProto, overrides: Sequence[TensorSpec]) -> None:
+    """Write each ``--input`` shape into the model's declared input: dynamic dims become static,
+    so shape inference (and every pass that needs static shapes) sees them."""
+    by_name = {o.name: o for o in overrides}
+    for value in model.graph.input:
+        spec = by_name.get(value.name)
+        if spec is None:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        declared = ["?" if not d.HasField("dim_value") else str(d.dim_value) for d in dims]
+        fits = len(declared) == len(spec.shape) and all(
+            d in ("?", str(n)) for d, n in zip(declared, spec.shape, strict=True))
+        if not fits:
+            raise EdgekitError(f"--input {value.name}:{'x'.join(map(str, spec.shape))} does not "
+                               f"fit the model's declared shape {'x'.join(declared) or 'scalar'}")
+        for d, n in zip(dims, spec.shape, strict=True):
+            d.dim_value = n  # also clears dim_param (a oneof)
 
 
 def load_torch(spec: str, overrides: Sequence[TensorSpec] = (),
@@ -173,10 +196,11 @@ def _merge_specs(defaults: list[TensorSpec], overrides: Sequence[TensorSpec], sp
             raise EdgekitError(f"{spec}: give the input shapes with --input name:1x3x224x224")
         return defaults
     if not defaults:
-        return list(overrides)
+        return [replace(o, dtype=o.dtype or "float32") for o in overrides]
     by_name = {o.name: o for o in overrides}
     unknown = set(by_name) - {d.name for d in defaults}
     if unknown:
         names = ", ".join(d.name for d in defaults)
         raise EdgekitError(f"unknown input {sorted(unknown)[0]!r}: the model's inputs are {names}")
-    return [by_name.get(d.name, d) for d in defaults]
+    return [replace(by_name[d.name], dtype=by_name[d.name].dtype or d.dtype)
+            if d.name in by_name else d for d in defaults]

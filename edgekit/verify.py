@@ -66,7 +66,9 @@ class Comparison:
 
 
 def parse_input_spec(text: str) -> TensorSpec:
-    """Parse ``name:1x3x224x224[:dtype]`` (the one input-shape syntax of edgekit)."""
+    """Parse ``name:1x3x224x224[:dtype]`` (the one input-shape syntax of edgekit). Without a
+    dtype the spec's dtype is "": the model's declared input type is kept (float32 for a PyTorch
+    model that declares none)."""
     parts = text.split(":")
     if len(parts) not in (2, 3) or not parts[0]:
         raise EdgekitError(f"bad input spec {text!r}: expected name:1x3x224x224[:dtype]")
@@ -76,12 +78,13 @@ def parse_input_spec(text: str) -> TensorSpec:
         raise EdgekitError(f"bad input spec {text!r}: dimensions must be integers") from None
     if any(d <= 0 for d in shape):
         raise EdgekitError(f"bad input spec {text!r}: dimensions must be positive")
-    dtype = parts[2] if len(parts) == 3 else "float32"
+    if len(parts) == 2:
+        return TensorSpec(parts[0], shape, "")
     try:
-        np.dtype(dtype)
+        dtype = str(np.dtype(parts[2]))
     except TypeError:
-        raise EdgekitError(f"bad input spec {text!r}: unknown dtype {dtype!r}") from None
-    return TensorSpec(parts[0], shape, str(np.dtype(dtype)))
+        raise EdgekitError(f"bad input spec {text!r}: unknown dtype {parts[2]!r}") from None
+    return TensorSpec(parts[0], shape, dtype)
 
 
 def _value_spec(value: onnx.ValueInfoProto, override: TensorSpec | None) -> TensorSpec:
@@ -90,7 +93,7 @@ def _value_spec(value: onnx.ValueInfoProto, override: TensorSpec | None) -> Tens
     if dtype is None:
         raise EdgekitError(f"input {value.name!r}: unsupported element type {ttype.elem_type}")
     if override is not None:
-        return TensorSpec(value.name, override.shape, override.dtype)
+        return TensorSpec(value.name, override.shape, override.dtype or dtype)
     dims = []
     for d in ttype.shape.dim:
         if d.HasField("dim_value") and d.dim_value > 0:

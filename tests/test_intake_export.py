@@ -12,7 +12,7 @@ from edgekit.verify import TensorSpec, parse_input_spec, seeded_inputs
 
 
 def test_parse_input_spec():
-    assert parse_input_spec("x:1x3x224x224") == TensorSpec("x", (1, 3, 224, 224), "float32")
+    assert parse_input_spec("x:1x3x224x224") == TensorSpec("x", (1, 3, 224, 224), "")
     assert parse_input_spec("ids:1x16:int64").dtype == "int64"
     for bad in ("x", "x:1xa", "x:0x3", "x:1x3:notatype", ":1x3"):
         with pytest.raises(EdgekitError, match="bad input spec"):
@@ -128,9 +128,32 @@ def test_onnx_dynamic_dim_needs_input_shape(tmp_path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     with pytest.raises(EdgekitError, match="dynamic dimension batch"):
         intake.load_onnx(path)
-    intake.load_onnx(path, [parse_input_spec("x:2x4")])
+    fixed = intake.load_onnx(path, [parse_input_spec("x:2x4")])
+    assert [d.dim_value for d in fixed.graph.input[0].type.tensor_type.shape.dim] == [2, 4]
+    with pytest.raises(EdgekitError, match=r"x:2x5 does not fit the model's declared shape \?x4"):
+        intake.load_onnx(path, [parse_input_spec("x:2x5")])
     with pytest.raises(EdgekitError, match="unknown input 'z'"):
         intake.load_onnx(path, [parse_input_spec("z:2x4")])
+
+
+def test_an_input_shape_keeps_the_models_dtype(tmp_path):
+    """``--input ids:1x16`` on an int64 input: still int64 (was float32, and every check failed)."""
+    from onnx import TensorProto, helper
+
+    from edgekit.verify import onnx_input_specs
+
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["ids"], ["y"], to=TensorProto.FLOAT)], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, "n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "n"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert onnx_input_specs(model, [parse_input_spec("ids:1x16")]) == [
+        TensorSpec("ids", (1, 16), "int64")]
+    assert onnx_input_specs(model, [parse_input_spec("ids:1x16:int32")])[0].dtype == "int32"
+    assert intake._merge_specs([], [parse_input_spec("x:2x4")], "f.py:f")[0].dtype == "float32"
+    defaults = [TensorSpec("ids", (1, 8), "int64")]
+    assert intake._merge_specs(defaults, [parse_input_spec("ids:1x16")], "g")[0] == TensorSpec(
+        "ids", (1, 16), "int64")
 
 
 def test_seeded_token_ids_cover_the_embedding_table_and_masks_stay_binary():

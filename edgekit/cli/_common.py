@@ -20,7 +20,8 @@ def input_specs(values: tuple[str, ...]) -> list[TensorSpec]:
 
 input_option = click.option(
     "--input", "inputs", multiple=True, metavar="NAME:1x3x224x224[:DTYPE]",
-    help="Input name and static shape (repeatable); dtype defaults to float32.")
+    help="Input name and static shape (repeatable); dtype defaults to the model's own "
+         "(float32 for a PyTorch model that declares none).")
 tolerance_options = [
     click.option("--atol", type=float, default=1e-4, show_default=True,
                  help="Absolute tolerance of the numerical check."),
