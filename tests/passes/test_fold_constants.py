@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from edgekit.passes import fold_bn
 from edgekit.passes.core import run_pass, run_pipeline
 from edgekit.passes.fold_constants import PASS
+from edgekit.verify import run_ort
 
 LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 
@@ -127,3 +128,28 @@ def test_a_node_the_folder_cannot_evaluate_stays_listed():
     kept, run = run_pass(model, PASS, PASS.params, samples(model))
     assert run.status == "unchanged" and ops(kept, "Reshape") == 1
     assert run.report.skipped == [("bad", "the constant folder does not evaluate Reshape here")]
+
+
+def test_what_the_reference_op_fails_on_onnxruntime_evaluates():
+    """onnx 1.23's reference GatherElements fails on a table wider than 64 along the axis (a
+    TorchScript BERT builds its position ids that way): onnxruntime evaluates it, and what
+    depends on it folds too."""
+    table = np.zeros((1, 80), np.int64)
+    idx = np.arange(16, dtype=np.int64)[None]
+    graph = helper.make_graph(
+        [helper.make_node("GatherElements", ["table", "idx"], ["pos"], name="gather", axis=1),
+         helper.make_node("Cast", ["pos"], ["posf"], to=TensorProto.FLOAT),
+         helper.make_node("Add", ["x", "posf"], ["h"]),
+         helper.make_node("Shape", ["posf"], ["shape"]),
+         helper.make_node("Reshape", ["h", "shape"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(table, "table"), numpy_helper.from_array(idx, "idx")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    new, run = run_pass(model, PASS, PASS.params, samples(model))
+    assert run.status == "applied", run.message
+    assert run.report.changed["evaluated-by-onnxruntime"] == 1
+    assert ops(new, "GatherElements") == ops(new, "Shape") == 0
+    x = samples(model)[0]["x"]
+    assert np.array_equal(run_ort(new, {"x": x})[0], x)

@@ -102,9 +102,10 @@ def test_cls_kept_even_when_ignored():
         assert got[0, 0] == 0 and np.all(np.diff(got[0]) > 0)
 
 
-def export(net, args: tuple, names: list[str], fold: bool = True) -> onnx.ModelProto:
+def export(net, args: tuple, names: list[str], fold: bool = True,
+           dynamic: dict | None = None) -> onnx.ModelProto:
     """TorchScript export: seconds instead of the dynamo exporter's minute (bench/ uses that);
-    ``fold``: fold its Shape chains into constants."""
+    ``fold``: fold its Shape chains into constants; ``dynamic``: torch's dynamic_axes."""
     import io
     import warnings
 
@@ -113,7 +114,8 @@ def export(net, args: tuple, names: list[str], fold: bool = True) -> onnx.ModelP
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(net, args, buf, input_names=names, dynamo=False, opset_version=18)
+        torch.onnx.export(net, args, buf, input_names=names, dynamo=False, opset_version=18,
+                          dynamic_axes=dynamic)
     model = onnx.load_from_string(buf.getvalue())
     return static_shapes(model) if fold else model
 
@@ -202,7 +204,7 @@ def test_keep_all_is_unchanged_and_refusals(tiny_vit, add_relu_onnx):
     assert run.status == "refused" and "layer 7" in run.message
 
 
-def tiny_bert_export(fold: bool = True) -> onnx.ModelProto:
+def tiny_bert_export(fold: bool = True, dynamic: dict | None = None) -> onnx.ModelProto:
     """A 2-layer BERT (random weights) with masked mean pooling, like sentence-transformers."""
     import torch
     import transformers as tf
@@ -224,7 +226,7 @@ def tiny_bert_export(fold: bool = True) -> onnx.ModelProto:
             return (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
 
     ones = torch.ones(1, 16, dtype=torch.int64)
-    return export(Pooled().eval(), (ones, ones), ["input_ids", "attention_mask"], fold)
+    return export(Pooled().eval(), (ones, ones), ["input_ids", "attention_mask"], fold, dynamic)
 
 
 @pytest.fixture(scope="module")
@@ -238,6 +240,23 @@ def test_unfolded_shape_chains_refuse_and_name_the_fix():
     new, run = run_pass(raw, PASS, PASS.parse_params({"keep": "0.5"}), [])
     assert run.status == "refused" and "run fold-constants before token-prune" in run.message
     assert new is raw
+
+
+def test_a_dynamic_export_prunes_after_input_shapes_and_fold_constants(tmp_path):
+    """How a user's BERT export arrives: dynamic batch and sequence, Shape chains everywhere.
+    ``--input`` fixes the dims, fold-constants removes the chains, then token-prune applies."""
+    from edgekit import api, intake
+    from edgekit.verify import parse_input_spec
+
+    axes = {0: "batch", 1: "seq"}
+    path = tmp_path / "dyn.onnx"
+    onnx.save(tiny_bert_export(fold=False, dynamic={"input_ids": axes, "attention_mask": axes}),
+              path)
+    specs = [parse_input_spec("input_ids:1x16"), parse_input_spec("attention_mask:1x16")]
+    model = intake.load_onnx(path, specs)
+    result = api.rewrite(model, "fold-constants,token-prune:keep=0.5:layers=1", specs)
+    assert [r.status for r in result.ledger] == ["applied", "applied"], result.ledger[-1].message
+    assert result.ledger[1].report.details["layers"][0]["kept"] == 8
 
 
 def test_padding_is_pruned_first_and_stays_masked(tiny_bert):
