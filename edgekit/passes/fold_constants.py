@@ -74,6 +74,9 @@ def _fold_with_onnxruntime(model: ir.Model, max_elements: int) -> int:
                 or any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
                        for a in node.attributes.values())):
             continue
+        if any(o.shape is not None and o.shape.is_static() and math.prod(o.shape.numpy())
+               > max_elements for o in node.outputs):
+            continue  # known to be too large to store: do not even compute it
         try:
             results = _run_alone(node, model.opset_imports.get("", 17))
         except Exception:  # noqa: BLE001 - it stays in the graph, listed as skipped
