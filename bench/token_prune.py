@@ -25,7 +25,7 @@ for digits ViT the unpruned model and WPR at keep 0.8 / 0.7 / 0.6 (S-stage 0.5),
 or 1 and keep 0.5 at layer 2.
 
     python bench/token_prune.py                 # quality tables, then latency
-    python bench/token_prune.py --quality       # quality only (35 min on a shared 2-core VM)
+    python bench/token_prune.py --quality       # quality only (29 min on a 2-core VM)
     python bench/token_prune.py --quick         # digits quality only, 3 seeds
 """
 
@@ -239,7 +239,9 @@ def latency_table(title: str, base: onnx.ModelProto, sample: dict, plans: list[d
           "|---|---|---|---|---|---|---|---|")
     f0 = flops.count(base)
     for tag, (tvm_ms, ort_ms) in lat.items():
-        print(f"| {tag} | {flops.count(timed[tag][0]) / f0:.3f}× | {quality(timed[tag][0]):.4f} | "
+        q = quality(timed[tag][0])
+        print(f"| {tag} | {flops.count(timed[tag][0]) / f0:.3f}× | "
+              f"{q:.{2 if '%' in metric else 4}f} | "
               f"{ort_ms:.3f} | {ort_ms / o0:.3f} | {tvm_ms:.3f} | {tvm_ms / t0:.3f} | "
               f"{t0 / tvm_ms:.2f}× |", flush=True)
 

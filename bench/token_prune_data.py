@@ -23,15 +23,23 @@ DOC_MODULES = ("argparse", "asyncio", "bisect", "calendar", "collections", "conf
                "subprocess", "tarfile", "tempfile", "textwrap", "threading", "typing",
                "unittest", "urllib.request", "uuid", "warnings", "zipfile")
 
+def _from_stdlib(obj) -> bool:
+    """Defined by the standard library: torch and TVM replace ``inspect.getfile`` when imported,
+    and the windows must not depend on what the process imported before."""
+    module = getattr(obj, "__module__", None) or "builtins"
+    return module.split(".")[0] in sys.stdlib_module_names
+
+
 def doc_windows(tok, seq: int, count: int) -> list[str]:
     """``count`` prose windows (1.25·``seq`` words each: 40 for 32 tokens) from stdlib docstrings,
     each filling all ``seq`` tokens, spread evenly over everything found."""
     words: list[str] = []
     for name in DOC_MODULES:
         module = importlib.import_module(name)
-        docs = [inspect.getdoc(module)] + [inspect.getdoc(obj) for _, obj in
+        docs = [inspect.getdoc(module)] + [inspect.getdoc(obj) for key, obj in
                                            sorted(vars(module).items())
-                                           if callable(obj) and not _.startswith("_")]
+                                           if callable(obj) and not key.startswith("_")
+                                           and _from_stdlib(obj)]
         for doc in docs:
             for para in (doc or "").split("\n\n"):
                 if ">>>" in para or para.count("(") > 4 or len(para.split()) < 12:
