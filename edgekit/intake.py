@@ -102,13 +102,19 @@ def _fix_input_dims(model: onnx.ModelProto, overrides: Sequence[TensorSpec]) -> 
         spec = by_name.get(value.name)
         if spec is None:
             continue
-        dims = value.type.tensor_type.shape.dim
+        given = f"--input {value.name}:{'x'.join(map(str, spec.shape))}"
+        ttype = value.type.tensor_type
+        declared_dtype = str(onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type))
+        if spec.dtype and spec.dtype != declared_dtype:
+            raise EdgekitError(f"{given}:{spec.dtype}: the model declares {value.name!r} as "
+                               f"{declared_dtype}")
+        dims = ttype.shape.dim
         declared = ["?" if not d.HasField("dim_value") else str(d.dim_value) for d in dims]
         fits = len(declared) == len(spec.shape) and all(
             d in ("?", str(n)) for d, n in zip(declared, spec.shape, strict=True))
         if not fits:
-            raise EdgekitError(f"--input {value.name}:{'x'.join(map(str, spec.shape))} does not "
-                               f"fit the model's declared shape {'x'.join(declared) or 'scalar'}")
+            raise EdgekitError(f"{given} does not fit the model's declared shape "
+                               f"{'x'.join(declared) or 'scalar'}")
         for d, n in zip(dims, spec.shape, strict=True):
             d.dim_value = n  # also clears dim_param (a oneof)
 

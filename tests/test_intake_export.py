@@ -149,7 +149,9 @@ def test_an_input_shape_keeps_the_models_dtype(tmp_path):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     assert onnx_input_specs(model, [parse_input_spec("ids:1x16")]) == [
         TensorSpec("ids", (1, 16), "int64")]
-    assert onnx_input_specs(model, [parse_input_spec("ids:1x16:int32")])[0].dtype == "int32"
+    onnx.save(model, tmp_path / "ids.onnx")
+    with pytest.raises(EdgekitError, match="ids:1x16:int32: the model declares 'ids' as int64"):
+        intake.load_onnx(tmp_path / "ids.onnx", [parse_input_spec("ids:1x16:int32")])
     assert intake._merge_specs([], [parse_input_spec("x:2x4")], "f.py:f")[0].dtype == "float32"
     defaults = [TensorSpec("ids", (1, 8), "int64")]
     assert intake._merge_specs(defaults, [parse_input_spec("ids:1x16")], "g")[0] == TensorSpec(
