@@ -108,12 +108,7 @@ def _infer_shapes_again(model: ir.Model) -> None:
             value.shape = ir.Shape(value.const_value.shape)
         elif id(value) not in outputs:
             value.shape = None
-    inferred = ShapeInferencePass()(model).model.graph
-    shapes = {v.name: v.shape for node in inferred for v in node.outputs}
-    for node in model.graph:
-        for out in node.outputs:
-            if out.shape is None:
-                out.shape = shapes.get(out.name)
+    ShapeInferencePass()(model)  # in place
 
 
 def _run_alone(node: ir.Node, opset: int) -> list[np.ndarray]:
