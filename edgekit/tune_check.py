@@ -142,7 +142,7 @@ def _time_kernels(funcs: list, tvm_target, rounds: int = 2) -> list[float]:
     timers = []
     for func in funcs:
         built = build_kernel(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
-                       tvm_target, None)
+                             tvm_target)
         timers.append(built.time_evaluator("main", dev, number=1, repeat=3, min_repeat_ms=20))
     best = [math.inf] * len(funcs)
     for _ in range(rounds):
