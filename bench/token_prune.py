@@ -60,6 +60,10 @@ def prune(model: onnx.ModelProto, samples: list, **given: str) -> tuple[onnx.Mod
     return new, run.to_dict()
 
 
+def label_of(setting: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in setting.items())
+
+
 def sweep(base: onnx.ModelProto, samples: list, settings: list[dict], seeds: int, score,
           name: str) -> list[dict]:
     """One row per (setting, ranking): ``score(model) -> dict of metrics``; random rows hold
@@ -67,7 +71,7 @@ def sweep(base: onnx.ModelProto, samples: list, settings: list[dict], seeds: int
     f0 = flops.count(base)
     rows = [{"setting": "unpruned", "ranking": "-", "kept": "-", "flops": 1.0, **score(base)}]
     for setting in settings:
-        label = " ".join(f"{k}={v}" for k, v in setting.items())
+        label = label_of(setting)
         plans = list(RANKINGS.items())
         plans += [("random", {"importance": "random", "seed": str(s)}) for s in range(seeds)]
         found: dict[str, list[dict]] = {}
@@ -175,13 +179,20 @@ def embed(model: onnx.ModelProto, inputs: list[dict]) -> np.ndarray:
     return np.concatenate([sess.run(None, x)[0] for x in inputs])
 
 
-def minilm(seeds: int, chunks: int, seq: int, settings: list[dict]) -> list[dict]:
+def minilm_bench(seq: int, chunks: int):
+    """(unpruned model, text windows, ``cosines(model)``: per window, pruned · unpruned
+    embedding; both are L2-normalized, so that is their cosine)."""
     base, tok = minilm_model(seq)
     windows = minilm_windows(tok, seq, chunks)
     ref = embed(base, windows)
+    return base, windows, lambda model: np.sum(embed(model, windows) * ref, axis=1)
+
+
+def minilm(seeds: int, chunks: int, seq: int, settings: list[dict]) -> list[dict]:
+    base, windows, cosines = minilm_bench(seq, chunks)
 
     def score(model: onnx.ModelProto) -> dict:
-        cos = np.sum(embed(model, windows) * ref, axis=1)
+        cos = cosines(model)
         return {"cos": float(cos.mean()), "cos p5": float(np.quantile(cos, 0.05))}
 
     return sweep(base, windows[:2], settings, seeds, score, f"minilm seq {seq}")
@@ -230,7 +241,7 @@ def latency_table(title: str, base: onnx.ModelProto, sample: dict, plans: list[d
     timed = {"unpruned": (base, sample)}
     for plan in plans:
         new, _ = prune(base, [sample], **plan)
-        timed[" ".join(f"{k}={v}" for k, v in plan.items())] = (new, sample)
+        timed[label_of(plan)] = (new, sample)
     with tempfile.TemporaryDirectory() as tmp:
         lat = latencies(timed, Path(tmp), repeat)
     t0, o0 = lat["unpruned"]
@@ -259,14 +270,12 @@ def digits_latency(repeat: int) -> None:
 
 
 def minilm_latency(repeat: int, seq: int, chunks: int) -> None:
-    base, tok = minilm_model(seq)
-    windows = minilm_windows(tok, seq, chunks)
-    ref = embed(base, windows)
+    base, windows, cosines = minilm_bench(seq, chunks)
     plans = [{"keep": "0.7", "layers": "2", "s_ratio": "0"},
              {"keep": "0.7", "layers": "1", "s_ratio": "0"},
              {"keep": "0.5", "layers": "2", "s_ratio": "0"}]
     latency_table(f"all-MiniLM-L6-v2, {seq} tokens", base, windows[0], plans, "cos",
-                  lambda m: float(np.mean(np.sum(embed(m, windows) * ref, axis=1))), repeat)
+                  lambda m: float(cosines(m).mean()), repeat)
 
 
 def main() -> int:
@@ -291,10 +300,12 @@ def main() -> int:
         rows = minilm(seeds, args.chunks, args.seq, settings)
         show(f"all-MiniLM-L6-v2 ({args.chunks} windows of {args.seq} tokens)", rows)
         verdict("MiniLM", rows, "cos", higher=True)
-        goal = [{"keep": "0.7", "layers": "2", "s_ratio": "0"}]
+        goal = {"keep": "0.7", "layers": "2", "s_ratio": "0"}  # one of the sweep's settings
+        label = label_of(goal)
+        by_seq = {args.seq: [r for r in rows if r["setting"] in ("unpruned", label)]}
         for seq in sorted({32, 64, args.seq}):
             show(f"all-MiniLM-L6-v2, {seq} tokens, keep 0.7 at layer 2",
-                 minilm(seeds, args.chunks, seq, goal))
+                 by_seq.get(seq) or minilm(seeds, args.chunks, seq, [goal]))
     if not args.quality and not args.quick:
         digits_latency(args.repeat)
         minilm_latency(args.repeat, args.seq, args.chunks)
