@@ -85,7 +85,8 @@ def load_onnx(path: str | Path, overrides: Sequence[TensorSpec] = ()) -> onnx.Mo
         onnx.checker.check_model(model)
     except Exception as exc:
         raise EdgekitError(f"{path} fails the ONNX checker: {first_line(exc)}") from None
-    onnx_input_specs(model, overrides)  # surfaces dynamic dims and unknown --input names early
+    # surfaces dynamic dims, unknown --input names and --input that contradicts the model
+    onnx_input_specs(model, overrides)
     _fix_input_dims(model, overrides)
     try:
         model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
@@ -95,28 +96,15 @@ def load_onnx(path: str | Path, overrides: Sequence[TensorSpec] = ()) -> onnx.Mo
 
 
 def _fix_input_dims(model: onnx.ModelProto, overrides: Sequence[TensorSpec]) -> None:
-    """Write each ``--input`` shape into the model's declared input: dynamic dims become static,
-    so shape inference (and every pass that needs static shapes) sees them."""
+    """Write each ``--input`` shape (checked by ``onnx_input_specs``) into the model's declared
+    input: dynamic dims become static, so shape inference (and every pass that needs static
+    shapes) sees them."""
     by_name = {o.name: o for o in overrides}
     for value in model.graph.input:
-        spec = by_name.get(value.name)
-        if spec is None:
-            continue
-        given = f"--input {value.name}:{'x'.join(map(str, spec.shape))}"
-        ttype = value.type.tensor_type
-        declared_dtype = str(onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type))
-        if spec.dtype and spec.dtype != declared_dtype:
-            raise EdgekitError(f"{given}:{spec.dtype}: the model declares {value.name!r} as "
-                               f"{declared_dtype}")
-        dims = ttype.shape.dim
-        declared = ["?" if not d.HasField("dim_value") else str(d.dim_value) for d in dims]
-        fits = len(declared) == len(spec.shape) and all(
-            d in ("?", str(n)) for d, n in zip(declared, spec.shape, strict=True))
-        if not fits:
-            raise EdgekitError(f"{given} does not fit the model's declared shape "
-                               f"{'x'.join(declared) or 'scalar'}")
-        for d, n in zip(dims, spec.shape, strict=True):
-            d.dim_value = n  # also clears dim_param (a oneof)
+        if value.name in by_name:
+            dims = value.type.tensor_type.shape.dim
+            for d, n in zip(dims, by_name[value.name].shape, strict=True):
+                d.dim_value = n  # also clears dim_param (a oneof)
 
 
 def load_torch(spec: str, overrides: Sequence[TensorSpec] = (),

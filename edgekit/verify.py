@@ -93,6 +93,7 @@ def _value_spec(value: onnx.ValueInfoProto, override: TensorSpec | None) -> Tens
     if dtype is None:
         raise EdgekitError(f"input {value.name!r}: unsupported element type {ttype.elem_type}")
     if override is not None:
+        _check_fits(value, override, dtype)
         return TensorSpec(value.name, override.shape, override.dtype or dtype)
     dims = []
     for d in ttype.shape.dim:
@@ -103,6 +104,20 @@ def _value_spec(value: onnx.ValueInfoProto, override: TensorSpec | None) -> Tens
                 f"input {value.name!r} has a dynamic dimension {d.dim_param or '?'}: "
                 f"give its shape with --input {value.name}:1x...")
     return TensorSpec(value.name, tuple(dims), dtype)
+
+
+def _check_fits(value: onnx.ValueInfoProto, override: TensorSpec, dtype: str) -> None:
+    """An ``--input`` may fix the model's dynamic dims, not contradict what it declares."""
+    given = f"--input {value.name}:{'x'.join(map(str, override.shape))}"
+    if override.dtype and override.dtype != dtype:
+        raise EdgekitError(f"{given}:{override.dtype}: the model declares {value.name!r} as "
+                           f"{dtype}")
+    declared = ["?" if not d.HasField("dim_value") else str(d.dim_value)
+                for d in value.type.tensor_type.shape.dim]
+    if len(declared) != len(override.shape) or any(
+            d not in ("?", str(n)) for d, n in zip(declared, override.shape, strict=False)):
+        raise EdgekitError(f"{given} does not fit the model's declared shape "
+                           f"{'x'.join(declared) or 'scalar'}")
 
 
 def onnx_input_specs(
