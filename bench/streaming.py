@@ -78,7 +78,7 @@ def main() -> int:
     import torch
 
     from edgekit import api, graphs, runtime, verify
-    from edgekit.profile import set_threads
+    from edgekit.runtime import set_threads
     from edgekit.streaming import digits, equivalence
     from edgekit.streaming.convert import run_steps, to_step
 

@@ -17,6 +17,8 @@ from torch import nn
 from edgekit.errors import EdgekitError
 from edgekit.streaming.protocol import StepContext, step
 
+from ._lmu_math import impulse_response, lmu_matrices
+
 
 def _keep_until_valid(new, old, ctx: StepContext):
     """State updates only count once the layer's input frame exists (see StepContext)."""
@@ -155,13 +157,11 @@ class CumulativeMeanHead(nn.Module):
 
 
 class LMU(nn.Module):
-    """One LMU layer on ``(B, dim, T)`` (math in ``graphs/lmu.py``): ``memories`` scalar
+    """One LMU layer on ``(B, dim, T)`` (math in ``graphs/_lmu_math.py``): ``memories`` scalar
     inputs ``u``, each with an order-``order`` Legendre memory.
     Step state ``m``: ``(B, memories, order)``."""
 
     def __init__(self, dim: int, memories: int, order: int, theta: float, spiking: bool = False):
-        from .lmu import lmu_matrices
-
         super().__init__()
         self.memories, self.order = memories, order
         self.w_u = nn.Conv1d(dim, memories, 1)
@@ -178,8 +178,6 @@ class LMU(nn.Module):
 
     def memory(self, u: torch.Tensor) -> torch.Tensor:
         """Parallel memory: ``(B, memories, T) -> (B, memories * order, T)``."""
-        from .lmu import impulse_response
-
         b, n, t = u.shape
         if t not in self._kernels:  # conv weight (order, 1, T): the flipped impulse response
             h = impulse_response(self._abar, self._bbar, t)

@@ -16,8 +16,8 @@ import pytest
 from click.testing import CliRunner
 
 from edgekit.cli import cli
-from edgekit.profile import stats
 from edgekit.report import schema
+from edgekit.report.stats import latency_stats
 
 EDGEKIT = [sys.executable, "-c", "from edgekit.cli import main; main()"]
 
@@ -101,7 +101,7 @@ def test_remote_profile_through_loopback_tracker(farm, compiled_default):
                                    "--json"])
     assert res.exit_code == 0, res.output
     result = json.loads(res.output)
-    assert result["iterations"] == 5 and set(result["latency_ms"]) == set(stats([1.0, 2.0]))
+    assert result["iterations"] == 5 and set(result["latency_ms"]) == set(latency_stats([1.0, 2.0]))
     assert result["device"] == {"tracker": address, "key": "loopback"}
     assert result["environment"]["device_key"] == "loopback"
     assert 0 < result["latency_ms"]["min"] <= result["latency_ms"]["max"]

@@ -16,10 +16,10 @@ from edgekit import api, runtime, verify
 from edgekit.cli import cli
 from edgekit.devices import runner, toolchain
 from edgekit.errors import EdgekitError
-from edgekit.profile import stats
 from edgekit.report import schema
+from edgekit.report.stats import latency_stats
 
-STAT_KEYS = set(stats([1.0, 2.0]))
+STAT_KEYS = set(latency_stats([1.0, 2.0]))
 
 
 def _conv_net(path) -> None:

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 from edgekit.errors import EdgekitError
-from edgekit.profile import stats, time_calls
+from edgekit.report.stats import latency_stats, time_calls
 
 
 def test_stats_against_numpy():
     t = np.arange(1, 101, dtype=float)
-    s = stats(t)
+    s = latency_stats(t)
     assert s["min"] == 1 and s["max"] == 100 and s["median"] == 50.5
     assert s["p90"] == pytest.approx(np.percentile(t, 90))
     assert s["std"] == pytest.approx(np.std(t, ddof=1))

@@ -12,7 +12,6 @@ from click.testing import CliRunner
 
 from edgekit.cli import cli
 from edgekit.errors import EdgekitError
-from edgekit.profile import stats
 from edgekit.report import stats as rstats
 from edgekit.report.compare import check_assertion, check_regression, compare_runs
 from edgekit.report.record import finalize, parse_duration
@@ -31,8 +30,8 @@ def latencies(seed: int, n: int = 400, median_ms: float = 10.0, scale: float = 1
 def make_run(times: dict[str, list[float]], passes=(), per_op=None) -> dict:
     base = {"artifact": "synthetic.edgekit", "target": "host", "threads": 2, "load_ms": 3.0,
             "first_run_ms": 12.0, "iterations": len(times["edgekit"]),
-            "latency_ms": stats(times["edgekit"]), "notes": []}
-    others = {k: stats(v) for k, v in times.items() if k != "edgekit"}
+            "latency_ms": rstats.latency_stats(times["edgekit"]), "notes": []}
+    others = {k: rstats.latency_stats(v) for k, v in times.items() if k != "edgekit"}
     if others:
         base["baselines"] = others
         base["ratios"] = {k: base["latency_ms"]["median"] / v["median"] for k, v in others.items()}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from edgekit.graphs import lmu
+from edgekit.graphs import _lmu_math
 from edgekit.graphs._lmuformer_net import make
 from edgekit.graphs._stream_layers import LMU, CausalConv1d, Residual, StreamSequential
 
@@ -24,7 +24,7 @@ def _parallel(model, x: np.ndarray) -> np.ndarray:
 def test_zoh_matches_scipy_and_impulse_response_matches_recurrence():
     signal = pytest.importorskip("scipy.signal")
     order, theta = 6, 10.0
-    abar, bbar = lmu.lmu_matrices(order, theta)
+    abar, bbar = _lmu_math.lmu_matrices(order, theta)
     i, j = np.meshgrid(np.arange(order), np.arange(order), indexing="ij")
     a = np.where(i < j, -1.0, (-1.0) ** (i - j + 1)) * (2 * i + 1) / theta
     b = ((2 * np.arange(order) + 1) * (-1.0) ** np.arange(order) / theta)[:, None]
@@ -36,7 +36,7 @@ def test_zoh_matches_scipy_and_impulse_response_matches_recurrence():
     for ut in u:
         m = abar @ m + bbar * ut
         ms.append(m)
-    h = lmu.impulse_response(abar, bbar, 20)
+    h = _lmu_math.impulse_response(abar, bbar, 20)
     conv = np.stack([sum(h[t - k] * u[k] for k in range(t + 1)) for t in range(20)])
     np.testing.assert_allclose(conv, np.stack(ms), rtol=0, atol=1e-12)
 
@@ -46,7 +46,7 @@ def test_parallel_memory_equals_fft_form():
     u = torch.from_numpy(np.random.default_rng(1).standard_normal((2, 3, 40)))
     got = layer.memory(u).reshape(2, 3, 8, 40)
     t = u.shape[-1]
-    h = torch.from_numpy(lmu.impulse_response(layer._abar, layer._bbar, t))  # (T, order)
+    h = torch.from_numpy(_lmu_math.impulse_response(layer._abar, layer._bbar, t))  # (T, order)
     spec = torch.fft.rfft(u, 2 * t)[:, :, None, :] * torch.fft.rfft(h.T, 2 * t)[None, None]
     fft = torch.fft.irfft(spec, 2 * t)[..., :t]  # length 2T: no circular wrap-around
     assert float((got - fft).abs().max()) < 1e-12

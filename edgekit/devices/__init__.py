@@ -13,6 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from edgekit.errors import EdgekitError
+
 
 def profile_on_device(artifact: str | Path, runner: str | None = None,
                       tracker: str | None = None, key: str | None = None,
@@ -21,8 +23,6 @@ def profile_on_device(artifact: str | Path, runner: str | None = None,
 
     Takes the local profile's keyword arguments; ``compare`` must be empty (baselines run on
     this machine, so a ratio against a remote or emulated device would mean nothing)."""
-    from edgekit.errors import EdgekitError
-
     if kwargs.pop("compare", None):
         raise EdgekitError("--compare times engines on this machine; it cannot be combined "
                            "with --runner or --tracker")
@@ -31,6 +31,8 @@ def profile_on_device(artifact: str | Path, runner: str | None = None,
     if tracker:
         if not key:
             raise EdgekitError("--tracker needs --key (the device key; see `edgekit devices`)")
+        # farm and runner are imported here, not above: the runtime imports this package
+        # (for devices/cuda.py) and must not pull them in
         from edgekit.devices import farm
 
         return farm.profile_remote(artifact, tracker, key, **kwargs)
@@ -42,26 +44,3 @@ def profile_on_device(artifact: str | Path, runner: str | None = None,
 
     return runner_mod.profile(artifact, runner, **kwargs)
 
-
-def seconds(duration: float | str | None) -> float | None:
-    """--duration for a device profile: seconds only (``auto`` needs the local timing loop)."""
-    from edgekit.errors import EdgekitError
-    from edgekit.report.record import parse_duration
-
-    value = parse_duration(duration)
-    if isinstance(value, str):
-        raise EdgekitError("--duration auto is for local profiles; give seconds or --repeat")
-    return value
-
-
-def finish(result: dict[str, Any], times_ms: list[float], manifest: dict[str, Any],
-           warmup: int, seconds: float, stopped: str,
-           device_key: str | None = None) -> dict[str, Any]:
-    """Complete a device profile with the local profile's statistics and report fields."""
-    from edgekit.profile import stats
-    from edgekit.report.record import finalize
-
-    result = {**result, "iterations": len(times_ms), "latency_ms": stats(times_ms)}
-    steady = {"iterations": len(times_ms), "seconds": round(seconds, 4), "stopped": stopped}
-    return finalize(result, {"edgekit": times_ms}, {"edgekit": steady}, manifest, warmup,
-                    device_key)

@@ -18,7 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from edgekit import runtime
 from edgekit.errors import EdgekitError, last_line
+from edgekit.report.record import device_seconds, finalize_device
 
 DEFAULT_TRACKER_PORT = 9190
 DEFAULT_SERVER_PORT = 9090
@@ -168,11 +170,9 @@ def profile_remote(artifact: str | Path, tracker: str, key: str, warmup: int = 1
     from tvm import relax
     from tvm import runtime as tvm_runtime
 
-    from edgekit import runtime
-    from edgekit.devices import finish, seconds
     from edgekit.verify import TensorSpec, seeded_inputs
 
-    duration = seconds(duration)
+    duration = device_seconds(duration)
     try:
         manifest = runtime.read_manifest(artifact)
     except runtime.ArtifactError as exc:
@@ -223,5 +223,5 @@ def profile_remote(artifact: str | Path, tracker: str, key: str, warmup: int = 1
         "notes": [f"timed on device {key!r} through tracker {tracker} (TVM time evaluator); "
                   "load and first-run times include the RPC round trip"],
     }
-    return finish(result, times, manifest, warmup, elapsed,
+    return finalize_device(result, times, manifest, warmup, elapsed,
                   "duration" if duration else "repeat", device_key=key)

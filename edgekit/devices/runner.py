@@ -19,8 +19,10 @@ from typing import Any
 
 import numpy as np
 
+from edgekit import runtime
 from edgekit.devices import toolchain
 from edgekit.errors import EdgekitError
+from edgekit.report.record import device_seconds, finalize_device
 
 RUNNERS = ("native", "qemu")
 
@@ -47,7 +49,6 @@ def invoke(artifact: str | Path, inputs: Mapping[str, np.ndarray], runner: str =
            warmup: int = 10, repeat: int = 100, duration: float | None = None,
            threads: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Run the artifact through the runner; returns ({output name: array}, runner JSON)."""
-    from edgekit import runtime
 
     try:
         manifest = runtime.read_manifest(artifact)
@@ -94,11 +95,9 @@ def profile(artifact: str | Path, runner: str = "qemu", warmup: int = 10, repeat
             duration: float | str | None = None, threads: int | None = None,
             seed: int = 0) -> dict[str, Any]:
     """A latency profile through the runner, in the local profile's format."""
-    from edgekit import runtime
-    from edgekit.devices import finish, seconds
     from edgekit.verify import TensorSpec, seeded_inputs
 
-    duration = seconds(duration)
+    duration = device_seconds(duration)
     threads = threads or os.cpu_count() or 1  # as a local profile does
     try:
         manifest = runtime.read_manifest(artifact)
@@ -122,5 +121,5 @@ def profile(artifact: str | Path, runner: str = "qemu", warmup: int = 10, repeat
         "notes": notes,
     }
     times = report["times_ms"]
-    return finish(result, times, manifest, warmup, sum(times) / 1e3,
+    return finalize_device(result, times, manifest, warmup, sum(times) / 1e3,
                   "duration" if duration else "repeat")

@@ -25,10 +25,11 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from edgekit.errors import EdgekitError
+from edgekit.he import packed as pk
 from edgekit.he.check import check
+from edgekit.he.graph_walk import evaluate_graph
 from edgekit.he.seal import Engine
 from edgekit.onnx_nodes import attr as _attr
 
@@ -91,13 +92,6 @@ def decrypt(cts: np.ndarray, samples: int) -> np.ndarray:
 
 def _is_ct(v: Any) -> bool:
     return isinstance(v, np.ndarray) and v.dtype == object
-
-
-def _plain(node: onnx.NodeProto, args: list) -> list[np.ndarray]:
-    from onnx.reference import ReferenceEvaluator
-
-    feeds = {n: a for n, a in zip(node.input, args, strict=True) if n}
-    return list(ReferenceEvaluator(node).run(None, feeds))
 
 
 def _obj(a: np.ndarray) -> np.ndarray:
@@ -213,45 +207,13 @@ def _ct_node(node: onnx.NodeProto, args: list) -> np.ndarray:
     raise EdgekitError(f"the CKKS runner does not evaluate {op} (node {node.name!r})")
 
 
-def _last_uses(model: onnx.ModelProto) -> dict[int, list[str]]:
-    """Node index -> the values it reads for the last time (graph outputs are kept)."""
-    keep = {o.name for o in model.graph.output}
-    last: dict[str, int] = {}
-    for step, node in enumerate(model.graph.node):
-        for name in node.input:
-            if name and name not in keep:
-                last[name] = step
-    out: dict[int, list[str]] = {}
-    for name, step in last.items():
-        out.setdefault(step, []).append(name)
-    return out
-
-
 def evaluate(model: onnx.ModelProto, feeds: dict[str, Any], trace=None) -> list[Any]:
     """Server side: evaluate the graph on ciphertext (object arrays) and plaintext feeds.
 
     ``trace(node, value)`` is called with every ciphertext result (debugging: it decrypts).
     """
-    values: dict[str, Any] = dict(feeds)
-    for init in model.graph.initializer:
-        values[init.name] = numpy_helper.to_array(init)
-    last = _last_uses(model)
-    for step, node in enumerate(model.graph.node):
-        args = [values[i] if i else None for i in node.input]
-        for name in last.get(step, ()):
-            values.pop(name, None)
-        if not any(_is_ct(a) for a in args):
-            outs = _plain(node, args)
-        elif node.op_type == "Shape":
-            outs = [np.array(args[0].shape, dtype=np.int64)[_attr(node, "start", 0):
-                                                            _attr(node, "end", None)]]
-        else:
-            outs = [_ct_node(node, args)]
-            if trace is not None:
-                trace(node, {"element": outs[0]})
-        for name, value in zip(node.output, outs, strict=False):
-            values[name] = value
-    return [values[o.name] for o in model.graph.output]
+    hook = None if trace is None else (lambda node, value: trace(node, {"element": value}))
+    return evaluate_graph(model, feeds, _is_ct, lambda v: v.shape, _ct_node, hook)
 
 
 @dataclass
@@ -283,8 +245,6 @@ def run(model: onnx.ModelProto, inputs: dict[str, np.ndarray], plain_inputs=(),
     encrypted = {k: np.asarray(v) for k, v in inputs.items() if k not in report.plain_inputs}
     seq = 0
     if packed:
-        from edgekit.he import packed as pk
-
         seqs = {int(v.shape[-2]) for v in encrypted.values() if v.ndim >= 2}
         if len(seqs) != 1:
             raise EdgekitError("--packed needs encrypted inputs of shape (..., seq, width) "

@@ -33,9 +33,9 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from edgekit.errors import EdgekitError
+from edgekit.he.graph_walk import evaluate_graph
 from edgekit.he.seal import Ct, Engine
 from edgekit.onnx_nodes import attr as _attr
 
@@ -266,25 +266,8 @@ def needed_layouts(model: onnx.ModelProto, encrypted: set[str]) -> dict[str, set
 def evaluate(engine: Engine, model: onnx.ModelProto, feeds: dict[str, Any], seq: int,
              need: dict[str, set[str]], trace=None) -> list[Any]:
     """Server side. ``feeds``: plaintext arrays, or {layout: Packed} for encrypted inputs."""
-    from edgekit.he.ckks import _last_uses, _plain
 
-    values: dict[str, Any] = dict(feeds)
-    for init in model.graph.initializer:
-        values[init.name] = numpy_helper.to_array(init)
-    last = _last_uses(model)
-    for step, node in enumerate(model.graph.node):
-        args = [values.get(i) if i else None for i in node.input]
-        for name in last.get(step, ()):  # ciphertexts are ~10 MB each at ring 32768
-            values.pop(name, None)
-        if not any(isinstance(a, dict) for a in args):
-            for name, value in zip(node.output, _plain(node, args), strict=False):
-                values[name] = value
-            continue
-        if node.op_type == "Shape":
-            first = next(iter(args[0].values()))
-            values[node.output[0]] = np.array(first.shape, dtype=np.int64)[
-                _attr(node, "start", 0):_attr(node, "end", None)]
-            continue
+    def node_in_layouts(node: onnx.NodeProto, args: list) -> dict[str, Packed]:
         out = {}
         for kind in need.get(node.output[0], set()):
             picked = []
@@ -297,10 +280,10 @@ def evaluate(engine: Engine, model: onnx.ModelProto, feeds: dict[str, Any], seq:
                     want = (ROW if kind == PAIR else PAIR) if pos == 0 else KEY
                 picked.append(a[want])
             out[kind] = _node(engine, node, picked, seq)
-        values[node.output[0]] = out
-        if trace is not None:
-            trace(node, out)
-    return [values[o.name] for o in model.graph.output]
+        return out
+
+    return evaluate_graph(model, feeds, lambda v: isinstance(v, dict),
+                          lambda v: next(iter(v.values())).shape, node_in_layouts, trace)
 
 
 def _node(engine: Engine, node: onnx.NodeProto, args: list, seq: int) -> Packed:

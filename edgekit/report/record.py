@@ -2,7 +2,8 @@
 in, the phases, every per-call time, bootstrap intervals, the pass ledger, noise warnings.
 
 ``measure`` is the timing loop's front door: a fixed number of calls, a fixed duration, or
-``"auto"`` (until the median's interval is tight, or a time cap).
+``"auto"`` (until the median's interval is tight, or a time cap). A device profile (runner,
+RPC) times on the device and hands its per-call times to ``finalize_device``.
 """
 
 from __future__ import annotations
@@ -52,15 +53,13 @@ def measure(fn: Callable[[], object], warmup: int, repeat: int,
             duration: float | str | None) -> tuple[list[float], dict[str, Any]]:
     """Per-call latencies in ms and the steady phase's record (iterations, seconds, why it
     stopped)."""
-    from edgekit.profile import time_calls
-
     duration = parse_duration(duration)
     start = time.perf_counter()
     if isinstance(duration, str):
         cap = float(duration[5:]) if duration.startswith("auto:") else AUTO_CAP_S
         times, stopped = rstats.time_until_stable(fn, warmup, cap, AUTO_REL_HALF_WIDTH)
     else:
-        times = time_calls(fn, warmup, repeat, duration)
+        times = rstats.time_calls(fn, warmup, repeat, duration)
         stopped = "duration" if duration else "repeat"
     seconds = time.perf_counter() - start
     return times, {"iterations": len(times), "seconds": round(seconds, 4), "stopped": stopped}
@@ -141,3 +140,22 @@ def finalize(result: dict[str, Any], times: dict[str, list[float]],
     out.setdefault("notes", [])
     out["warnings"] = warnings
     return out
+
+
+def device_seconds(duration: float | str | None) -> float | None:
+    """--duration for a device profile: seconds only (``auto`` needs the local timing loop)."""
+    value = parse_duration(duration)
+    if isinstance(value, str):
+        raise EdgekitError("--duration auto is for local profiles; give seconds or --repeat")
+    return value
+
+
+def finalize_device(result: dict[str, Any], times_ms: list[float], manifest: dict[str, Any],
+                    warmup: int, seconds: float, stopped: str,
+                    device_key: str | None = None) -> dict[str, Any]:
+    """Complete a profile timed on a device (runner, RPC) with the local profile's
+    statistics and report fields."""
+    result = {**result, "iterations": len(times_ms), "latency_ms": rstats.latency_stats(times_ms)}
+    steady = {"iterations": len(times_ms), "seconds": round(seconds, 4), "stopped": stopped}
+    return finalize(result, {"edgekit": times_ms}, {"edgekit": steady}, manifest, warmup,
+                    device_key)

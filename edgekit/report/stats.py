@@ -1,5 +1,6 @@
-"""Confidence intervals for latency: bootstrap of the median, of a ratio of medians, and the
-stopping rule behind ``--duration auto``.
+"""The timing loop and its statistics: per-call latencies (a fixed count or duration), their
+summary (min, median, percentiles, CV), confidence intervals (bootstrap of the median, of a
+ratio of medians) and the stopping rule behind ``--duration auto``.
 
 Latency samples are skewed and heavy-tailed, so intervals are distribution-free: a
 percentile bootstrap (resampling the measured calls with replacement, fixed seed so a run
@@ -15,10 +16,47 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from edgekit.errors import EdgekitError
+
 CI_LEVEL = 0.95
 RESAMPLES = 2000
 _MAX_DRAWS = 20_000_000  # resamples * n cap: keeps a 100k-call run's bootstrap under ~1 s
 _CHUNK = 2_000_000  # draws held in memory at once
+
+
+def latency_stats(times_ms: Sequence[float]) -> dict[str, float]:
+    """min, mean, median, p90, p95, p99, max, std and CV (std/mean) of latencies in ms."""
+    t = np.asarray(times_ms, dtype=np.float64)
+    mean = float(t.mean())
+    std = float(t.std(ddof=1)) if t.size > 1 else 0.0
+    return {
+        "min": float(t.min()),
+        "mean": mean,
+        "median": float(np.median(t)),
+        "p90": float(np.percentile(t, 90)),
+        "p95": float(np.percentile(t, 95)),
+        "p99": float(np.percentile(t, 99)),
+        "max": float(t.max()),
+        "std": std,
+        "cv": std / mean if mean > 0 else 0.0,
+    }
+
+
+def time_calls(fn: Callable[[], object], warmup: int, repeat: int,
+               duration: float | None = None) -> list[float]:
+    """Per-call latencies in ms after ``warmup`` untimed calls: ``repeat`` calls, or as many
+    as fit in ``duration`` seconds."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    deadline = time.perf_counter() + duration if duration else None
+    while (len(times) < repeat) if deadline is None else (time.perf_counter() < deadline):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    if not times:
+        raise EdgekitError("no timed run completed; increase --repeat or --duration")
+    return times
 
 
 def resamples_for(n: int, wanted: int = RESAMPLES) -> int:

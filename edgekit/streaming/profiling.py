@@ -17,8 +17,8 @@ def profile_stream(path: str | Path, warmup: int = 10, repeat: int = 100,
                    duration: float | str | None = None, seed: int = 0) -> dict[str, Any]:
     """``duration`` as in ``edgekit profile`` (seconds, or "auto" until the median is stable)."""
     from edgekit import runtime
-    from edgekit.profile import stats
     from edgekit.report.record import measure
+    from edgekit.report.stats import latency_stats
     from edgekit.verify import TensorSpec, seeded_inputs
 
     session = runtime.load(path).stream()
@@ -26,7 +26,7 @@ def profile_stream(path: str | Path, warmup: int = 10, repeat: int = 100,
     frame = seeded_inputs([TensorSpec.from_dict(spec)],
                           seed)[spec["name"]]
     times, _ = measure(session.prepare(frame), warmup, repeat, duration)
-    per_call = stats(times)
+    per_call = latency_stats(times)
     state_bytes = sum(int(np.prod(s["shape"])) * np.dtype(s["dtype"]).itemsize
                       for s in session.states)
     return {
