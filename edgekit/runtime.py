@@ -1,17 +1,32 @@
-"""Load and run an edgekit artifact. Apps embed this module: it imports numpy and TVM only.
+"""Load and run an edgekit artifact. Apps embed this module: it needs numpy and TVM's runtime
+(the ``apache-tvm`` and ``apache-tvm-ffi`` wheels), nothing else from edgekit or beyond.
 
 An artifact is a directory ``NAME.edgekit/`` holding ``manifest.json``, the compiled
 library ``model.so`` and the ONNX model it was compiled from. ``load`` refuses an artifact
 whose files do not match the sha256 digests in its manifest.
+
+"TVM's runtime" means ``libtvm_runtime.so`` driven through ``tvm_ffi``: this module never
+imports the ``tvm`` package, whose ``__init__`` loads the compiler library
+(``libtvm_compiler.so``, LLVM inside) and imports Relax and its frontends, seconds of start-up
+an app does not need. It loads the runtime library itself and calls the functions that
+library registers (the Relax VM's ``vm_load_executable`` / ``vm_initialization``, the
+``runtime.TVMTensor*`` copies). The same process may import the full ``tvm`` before or after:
+both load the same library file, which the dynamic loader maps once.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
+import importlib.util
 import json
+import os
 import platform
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -19,10 +34,12 @@ import numpy as np
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 LIBRARY = "model.so"
+_POOLED_ALLOCATOR = 2  # the Relax VM's allocator kinds: 1 naive, 2 pooled (what tvm uses)
 
 
 class ArtifactError(ValueError):
-    """The artifact is missing, malformed, tampered with, or built for another machine."""
+    """The artifact is missing, malformed, tampered with, or built for another machine (or
+    TVM's runtime, which runs it, is not installed)."""
 
 
 def sha256_file(path: Path) -> str:
@@ -60,13 +77,90 @@ def read_manifest(path: str | Path, check_hashes: bool = True) -> dict[str, Any]
     return manifest
 
 
+@functools.cache
+def _tvm_ffi() -> ModuleType:
+    """``tvm_ffi`` with ``libtvm_runtime`` loaded, without torch unless the app imported it.
+
+    tvm_ffi's ``__init__`` (and its ``core``, ``_convert`` and ``stream`` modules) run
+    ``try: import torch`` for torch-tensor interop: seconds of start-up that running an
+    artifact never needs. While tvm_ffi is first imported, a ``None`` entry in
+    ``sys.modules`` makes that import fail as if torch were absent; the entry is removed
+    afterwards, so the app (or edgekit's compiler) can still import torch. tvm_ffi then
+    passes torch tensors through the DLPack protocol instead of its torch fast path."""
+    block = "tvm_ffi" not in sys.modules and "torch" not in sys.modules
+    if block:
+        sys.modules["torch"] = None  # type: ignore[assignment]
+    try:
+        import tvm_ffi
+        from tvm_ffi.libinfo import load_lib_ctypes
+    except ImportError as exc:
+        raise ArtifactError(f"TVM's runtime is not installed ({exc}): pip install "
+                            "apache-tvm==0.27.0.post1 'apache-tvm-ffi<0.1.15'") from None
+    finally:
+        if block and "torch" in sys.modules and sys.modules["torch"] is None:
+            del sys.modules["torch"]
+    # RTLD_GLOBAL, as tvm.base does: compiled libraries resolve TVMBackend* symbols from it
+    load_lib_ctypes("tvm", "tvm_runtime", "RTLD_GLOBAL", extra_lib_paths=_tvm_lib_dirs())
+    return tvm_ffi
+
+
+def _tvm_lib_dirs() -> list[Path]:
+    """Where the apache-tvm wheel keeps its libraries, found without importing ``tvm``
+    (the search ``tvm.libinfo.package_lib_paths`` does, so both pick the same file)."""
+    dirs = [Path(os.environ["TVM_LIBRARY_PATH"])] if os.environ.get("TVM_LIBRARY_PATH") else []
+    spec = importlib.util.find_spec("tvm")
+    if spec is None or not spec.submodule_search_locations:
+        raise ArtifactError("TVM's runtime is not installed: pip install apache-tvm==0.27.0.post1")
+    return dirs + [Path(p) / "lib" for p in spec.submodule_search_locations]
+
+
+@functools.cache
+def _func(name: str) -> Callable:
+    """A global function registered by TVM's runtime library."""
+    return _tvm_ffi().get_global_func(name)
+
+
+def _cuda_available() -> bool:
+    """Whether TVM's CUDA runtime loads (it links the driver's libcuda) and sees a GPU."""
+    tvm_ffi = _tvm_ffi()
+    from tvm_ffi.libinfo import load_lib_ctypes
+
+    try:  # RTLD_LOCAL, as tvm.backend.cuda does: it only registers the CUDA device API
+        load_lib_ctypes("tvm", "tvm_runtime_cuda", "RTLD_LOCAL", extra_lib_paths=_tvm_lib_dirs())
+        cuda = tvm_ffi.device("cuda", 0)
+        exist = _func("runtime.GetDeviceAttr")(cuda.dlpack_device_type(), cuda.index, 0)
+    except (OSError, RuntimeError):
+        return False
+    return bool(exist)
+
+
+def set_threads(threads: int) -> int:
+    """Use ``threads`` TVM worker threads (env var for a fresh runtime, pool reset otherwise)."""
+    os.environ["TVM_NUM_THREADS"] = str(threads)
+    _func("runtime.config_threadpool")(1, threads)
+    return threads
+
+
+def _to_device(a: np.ndarray, device: Any) -> Any:
+    """A TVM tensor on ``device`` holding a copy of the C-contiguous array ``a``."""
+    ffi = _tvm_ffi()
+    t = _func("runtime.TVMTensorAllocWithScope")(ffi.Shape(a.shape), ffi.dtype(str(a.dtype)),
+                                                 device, None)
+    _func("runtime.TVMTensorCopyFromBytes")(t, a.ctypes.data_as(ctypes.c_void_p), a.nbytes)
+    return t
+
+
+def _to_numpy(t: Any) -> np.ndarray:
+    """A host copy of a TVM tensor (from any device)."""
+    out = np.empty(tuple(t.shape), dtype=np.dtype(str(t.dtype)))
+    _func("runtime.TVMTensorCopyToBytes")(t, out.ctypes.data_as(ctypes.c_void_p), out.nbytes)
+    return out
+
+
 class CompiledModel:
     """A loaded artifact: ``run(inputs)`` with inputs checked against the manifest."""
 
     def __init__(self, path: str | Path, manifest: dict[str, Any]):
-        import tvm
-        from tvm import relax
-
         self.path = Path(path)
         self.manifest = manifest
         self.inputs: list[dict] = manifest["inputs"]
@@ -77,18 +171,25 @@ class CompiledModel:
             raise ArtifactError(
                 f"artifact was built for {target.get('name')!r} ({target.get('machine')}); "
                 f"this machine is {machine}: run it on the device")
-        if target.get("device") == "cuda":
-            if not tvm.cuda().exist:
+        tvm_ffi = _tvm_ffi()
+        cuda = target.get("device") == "cuda"
+        if cuda:
+            if not _cuda_available():
                 raise ArtifactError(f"artifact was built for {target.get('name')!r} (a CUDA "
                                     "GPU); this machine has no CUDA GPU or driver: run it on "
                                     "the device")
             from edgekit.devices.cuda import register_ptx
 
             register_ptx(self.path, manifest)  # load the artifact's PTX, not nvcc's output
-        self.device = tvm.cuda() if target.get("device") == "cuda" else tvm.cpu()
-        lib = tvm.runtime.load_module(str(self.path / LIBRARY))
-        self._vm = relax.VirtualMachine(lib, self.device)
+        self.device = tvm_ffi.device("cuda" if cuda else "cpu", 0)
+        lib = tvm_ffi.load_module(str(self.path / LIBRARY))
+        self._vm = lib["vm_load_executable"]()
+        # (device type, index, allocator) per device; the VM runs shape functions on the CPU
+        devices = [self.device, *([tvm_ffi.device("cpu", 0)] if cuda else [])]
+        self._vm["vm_initialization"](*(v for d in devices for v in
+                                        (d.dlpack_device_type(), d.index, _POOLED_ALLOCATOR)))
         self._main = self._vm["main"]
+        self._sync = functools.partial(_func("runtime.Device_StreamSync"), self.device, 0)
 
     def _check(self, args: tuple, kwargs: Mapping[str, Any]) -> list[np.ndarray]:
         names = [i["name"] for i in self.inputs]
@@ -123,14 +224,12 @@ class CompiledModel:
         return arrays
 
     def _to_device(self, arrays: list[np.ndarray]) -> list:
-        import tvm
-
-        return [tvm.runtime.tensor(a, self.device) for a in arrays]
+        return [_to_device(a, self.device) for a in arrays]
 
     def _collect(self, result) -> dict[str, np.ndarray]:
-        flat = list(result) if not hasattr(result, "numpy") else [result]
+        flat = [result] if isinstance(result, _tvm_ffi().Tensor) else list(result)
         names = [o["name"] for o in self.outputs]
-        return {n: t.numpy() for n, t in zip(names, flat, strict=True)}
+        return {n: _to_numpy(t) for n, t in zip(names, flat, strict=True)}
 
     def run(self, *args: Any, **kwargs: Any) -> dict[str, np.ndarray]:
         """Run once. Inputs: one dict, keyword arrays, or positional arrays in input order.
@@ -142,11 +241,11 @@ class CompiledModel:
         """A zero-argument callable that runs on pre-staged inputs and waits for the device
         (what the profiler times)."""
         tensors = self._to_device(self._check(args, kwargs))
-        main, device = self._main, self.device
+        main, sync = self._main, self._sync
 
         def call() -> None:
             main(*tensors)
-            device.sync()
+            sync()
 
         return call
 
@@ -190,7 +289,7 @@ class StreamSession:
     @property
     def state(self) -> dict[str, np.ndarray]:
         """A copy of the current state, by state input name."""
-        return {s["input"]: t.numpy() for s, t in zip(self.states, self._state, strict=True)}
+        return {s["input"]: _to_numpy(t) for s, t in zip(self.states, self._state, strict=True)}
 
     def _frame(self, frame: Any):
         a = np.asarray(frame)
@@ -208,7 +307,7 @@ class StreamSession:
 
     def step(self, frame: Any) -> np.ndarray:
         """Feed the next chunk of frames; returns the output for it."""
-        return self._advance(self._frame(frame)).numpy()
+        return _to_numpy(self._advance(self._frame(frame)))
 
     def run(self, sequence: Any) -> np.ndarray:
         """Feed a whole sequence (time on ``time_axis``) chunk by chunk, continuing from the
@@ -225,11 +324,11 @@ class StreamSession:
     def prepare(self, frame: Any) -> Callable[[], None]:
         """A zero-argument callable that advances the stream by one staged chunk and waits
         for the device (what the profiler times: per-frame latency with state carried)."""
-        staged, device = self._frame(frame), self.model.device
+        staged, sync = self._frame(frame), self.model._sync
 
         def call() -> None:
             self._advance(staged)
-            device.sync()
+            sync()
 
         return call
 
