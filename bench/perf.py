@@ -34,7 +34,8 @@ import onnx  # noqa: E402
 
 from edgekit import api, graphs, runtime, verify  # noqa: E402
 from edgekit.export import check_against_torch, export_module, save_onnx  # noqa: E402
-from edgekit.profile import set_threads, time_calls  # noqa: E402
+from edgekit.report.stats import time_calls  # noqa: E402
+from edgekit.runtime import set_threads  # noqa: E402
 from edgekit.verify import TensorSpec  # noqa: E402
 
 LIGHT_ZOO = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"

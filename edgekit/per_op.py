@@ -216,31 +216,9 @@ def profile_artifact_per_op(path: str | Path, threads: int | None = None, warmup
     import os
 
     from edgekit import runtime
-    from edgekit.profile import set_threads
     from edgekit.verify import TensorSpec, seeded_inputs
 
-    set_threads(threads or os.cpu_count() or 1)
+    runtime.set_threads(threads or os.cpu_count() or 1)
     manifest = runtime.read_manifest(path)
     specs = [TensorSpec.from_dict(i) for i in manifest["inputs"]]
     return profile_per_op(path, seeded_inputs(specs, seed), warmup, repeat)
-
-
-def print_table(result: dict[str, Any], top: int = 15) -> None:
-    """The top kernels by time, with their share and ONNX nodes."""
-    from rich.console import Console
-    from rich.table import Table
-
-    info = result["per_op_info"]
-    table = Table(title=f"per-op: top kernels of {info['calls_per_run']} calls per run "
-                        f"(sum {info['kernel_sum_ms']:.3f} ms, instrumented run "
-                        f"{info['instrumented_run_ms']:.3f} ms)")
-    for col, justify in (("kernel", "left"), ("calls", "right"), ("total ms", "right"),
-                         ("mean ms", "right"), ("share", "right"), ("ONNX nodes", "left")):
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
-    for row in result["per_op"][:top]:
-        nodes = ", ".join(row["onnx_nodes"][:4]) + (" ..." if len(row["onnx_nodes"]) > 4 else "")
-        table.add_row(row["kernel"], str(row["calls"]), f"{row['total_ms']:.3f}",
-                      f"{row['mean_ms']:.4f}", f"{row['share']:.1%}", nodes or "-")
-    console = Console()
-    console.print(table)
-    console.print(f"kernels mapped to ONNX nodes {info['mapping']}")

@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from edgekit import api, runtime
-from edgekit import compile as tvm_compile
+from edgekit.compiler import unsupported_nodes
 from edgekit.errors import EdgekitError
 from edgekit.verify import run_ort, seeded_inputs
 
@@ -116,7 +116,7 @@ def test_unsupported_ops_are_all_listed(tmp_path):
         [helper.make_tensor("img", TensorProto.INT64, [2], [3, 3]),
          helper.make_tensor("blk", TensorProto.INT64, [2], [2, 2])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    missing = tvm_compile.unsupported_nodes(model)
+    missing = unsupported_nodes(model)
     assert ("LpNormalization", "lpnorm_1") in missing and ("Col2Im", "col2im_1") in missing
     path = tmp_path / "unsupported.onnx"
     onnx.save(model, path)

@@ -76,7 +76,7 @@ def _scheduled_matmul(m: int, k: int, n: int) -> tuple[str, float]:
     import tvm
     from tvm import relax
 
-    from edgekit import schedules, tune
+    from edgekit.compiler import pipeline, schedules
 
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((m, k), "float32"))
@@ -86,7 +86,7 @@ def _scheduled_matmul(m: int, k: int, n: int) -> tuple[str, float]:
             out = bb.emit_output(relax.op.matmul(x, w))
         bb.emit_func_output(out)
     target = _host_target()
-    mod = tune.lower(bb.get(), target.tvm_target())
+    mod = pipeline.lower(bb.get(), target.tvm_target())
     scheduled, count = schedules.apply_default(mod, target.tvm_target())
     assert count == 1
     text = next(f for _, f in scheduled.functions.items()
@@ -150,27 +150,61 @@ def _odd_ops_onnx(path):
 
 
 def test_import_rewrites_layout_sum_dropout_and_math(tmp_path):
-    from edgekit import compile as tvm_compile
+    from edgekit.compiler import to_relax
 
     model = onnx.load(str(_odd_ops_onnx(tmp_path / "odd.onnx")))
-    text = tvm_compile.to_relax(model, verify.onnx_input_specs(model, []))["main"].script()
+    text = to_relax(model, verify.onnx_input_specs(model, []))["main"].script()
     assert 'data_layout="NHWC"' in text and 'kernel_layout="HWIO"' in text
     assert text.count("groups=2") == 1 and text.count("R.nn.conv2d(") == 3  # 40/group: split
     for op in ("R.stack(", "R.nn.dropout(", "R.tanh(", "R.erf(", "R.exp(", "R.power("):
         assert op not in text, op
 
 
+def test_onnx_tidy_up_adds_left_to_right_and_keeps_names(tmp_path):
+    from edgekit.compiler.frontend import tidy_onnx
+
+    model = onnx.load(str(_odd_ops_onnx(tmp_path / "odd.onnx")))
+    before = model.SerializeToString()
+    tidy = tidy_onnx(model)
+    assert model.SerializeToString() == before  # the caller's model is left alone
+    nodes = {n.name: n for n in tidy.graph.node}
+    assert [list(nodes[f"sum4__add{k}"].input) for k in (1, 2, 3)] == [
+        ["t", "e"], ["sum4__sum1", "p"], ["sum4__sum2", "q"]]
+    assert list(nodes["sum4__add3"].output) == ["y"]
+    assert nodes["drop"].op_type == "Identity" and list(nodes["drop"].input) == ["s"]
+    assert not {"Sum", "Dropout"} & {n.op_type for n in tidy.graph.node}
+    assert [o.name for o in tidy.graph.output] == ["y", "z"]
+
+
+def test_a_conv_the_layout_pass_cannot_follow_stays_nchw_and_says_so():
+    """A Dropout whose mask is an output stays a tuple-valued op, which TVM's ConvertLayout
+    cannot follow: the module keeps NCHW convs and the progress callback hears why."""
+    from edgekit.compiler import to_relax
+
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4, 3, 3, 3], np.ones(108, np.float32))
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+         helper.make_node("Dropout", ["c"], ["y", "mask"])], "conv_dropout_mask",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8]),
+         helper.make_tensor_value_info("mask", TensorProto.BOOL, [1, 4, 8, 8])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    lines: list[str] = []
+    text = to_relax(model, verify.onnx_input_specs(model, []), lines.append)["main"].script()
+    assert 'data_layout="NCHW"' in text and "NHWC" not in text
+    assert [line for line in lines if line.startswith("convolutions stay NCHW")]
+
+
 def test_grouped_conv_tiled_and_odd_ops_match_onnxruntime(tmp_path):
     import tvm
 
-    from edgekit import compile as tvm_compile
-    from edgekit import schedules, tune
+    from edgekit.compiler import pipeline, schedules, to_relax
 
     src = _odd_ops_onnx(tmp_path / "odd.onnx")
     model = onnx.load(str(src))
     specs = verify.onnx_input_specs(model, [])
     target = _host_target()
-    mod = tune.lower(tvm_compile.to_relax(model, specs), target.tvm_target())
+    mod = pipeline.lower(to_relax(model, specs), target.tvm_target())
     scheduled, _ = schedules.apply_default(mod, target.tvm_target())
     conv = next(f.script() for gv, f in scheduled.functions.items()
                 if isinstance(f, tvm.tirx.PrimFunc) and "conv2d" in gv.name_hint

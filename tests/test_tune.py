@@ -12,8 +12,9 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper
 
-from edgekit import api, runtime, tune, tune_check, verify
+from edgekit import api, runtime, verify
 from edgekit.cli import cli
+from edgekit.compiler import pipeline, tune_check, tuning_db
 from edgekit.targets import load_target
 
 
@@ -43,7 +44,7 @@ def tuned(tmp_path_factory):
 
 def test_tuning_writes_the_database_and_the_manifest(tuned):
     _, db, first, _ = tuned
-    assert tune.has_records(db)
+    assert tuning_db.has_records(db)
     records = (db / "database_tuning_record.json").read_text().splitlines()
     assert records and all(json.loads(line) for line in records)
     info = first.manifest["tuning"]
@@ -84,16 +85,16 @@ def test_a_record_slower_than_the_default_schedule_is_not_applied(tmp_path):
     from tvm import s_tir
     from tvm.s_tir import meta_schedule as ms
 
-    from edgekit import compile as tvm_compile
+    from edgekit.compiler import to_relax
 
     src = _matmul_relu(tmp_path / "big.onnx", 0, rows=64, k=256, n=256)
     model = onnx.load(str(src))
     host = load_target("host")
-    mod = tune.lower(tvm_compile.to_relax(model, verify.onnx_input_specs(model, [])),
+    mod = pipeline.lower(to_relax(model, verify.onnx_input_specs(model, [])),
                      host.tvm_target())
     (func,) = [f for _, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
     db = tmp_path / "db"
-    database = tune.open_database(db)
+    database = tuning_db.open_database(db)
     workload = database.commit_workload(tune_check.workload_module(func))
     naive = s_tir.Schedule(tune_check.workload_module(func))
     naive.get_sblock("compute")
@@ -117,10 +118,10 @@ def test_a_record_slower_than_the_default_schedule_is_not_applied(tmp_path):
 def test_database_is_keyed_by_target(tmp_path, monkeypatch):
     monkeypatch.setenv("EDGEKIT_TUNING_DB", str(tmp_path))
     host, rpi = load_target("host"), load_target("rpi4")
-    assert tune.db_dir(host).parent == tmp_path
-    assert tune.db_dir(host) != tune.db_dir(rpi)
-    assert tune.db_dir(host) == tune.db_dir(load_target("host"))
-    assert tune.db_dir(host, tmp_path / "mine") == tmp_path / "mine"
+    assert tuning_db.db_dir(host).parent == tmp_path
+    assert tuning_db.db_dir(host) != tuning_db.db_dir(rpi)
+    assert tuning_db.db_dir(host) == tuning_db.db_dir(load_target("host"))
+    assert tuning_db.db_dir(host, tmp_path / "mine") == tmp_path / "mine"
 
 
 def test_tuning_a_cross_target_is_a_one_line_error(tmp_path):
@@ -130,7 +131,7 @@ def test_tuning_a_cross_target_is_a_one_line_error(tmp_path):
     assert result.exit_code == 1
     assert result.output.startswith("error: tuning measures on this machine")
     assert len(result.output.strip().splitlines()) == 1
-    assert not tune.has_records(tmp_path / "db")
+    assert not tuning_db.has_records(tmp_path / "db")
 
 
 def _two_kernels(path):
@@ -168,7 +169,7 @@ def test_a_time_budget_ends_the_session_and_the_build_is_still_verified(tmp_path
 def test_the_budget_measures_the_largest_kernels_first_then_the_most_time_left():
     from types import SimpleNamespace
 
-    from edgekit.tune_budget import Budget
+    from edgekit.compiler.tune_budget import Budget
 
     def result(secs):
         return SimpleNamespace(error_msg=None, run_secs=[secs])

@@ -8,8 +8,8 @@ unscheduled kernel:
   such as bias add -> ReLU6 becomes one loop nest; real padding stays apart so the
   reduction's inner loop reads a plain buffer, a no-op pad copy is inlined);
 - a reduction whose innermost output axis is at least one vector wide (matmul columns,
-  NHWC conv output channels; ``edgekit.compile`` puts convs in NHWC) gets the register-tiled
-  micro-kernel of ``edgekit._tiling``; every other block gets the rule below;
+  NHWC conv output channels; ``channels_last`` puts convs in NHWC) gets the register-tiled
+  micro-kernel of ``edgekit.compiler.tiling``; every other block gets the rule below;
 - reorders loops as [spatial..., reduction..., innermost spatial] so the innermost loop is a
   contiguous spatial one (output column / feature), splits it by the vector width (a
   non-multiple width gets a masked last vector) and vectorizes it; for a matmul this is the
@@ -29,8 +29,10 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-from edgekit import _tiling
+from edgekit.compiler import tiling
 
+# The PrimFunc attribute that marks a kernel as scheduled (by a tuning record or by this rule):
+# later steps leave such kernels alone.
 SCHEDULED = "tirx.is_scheduled"
 _BLOCK = (4, 2)  # rows / channels per register block
 _VECTOR = (16, 8, 4)  # lanes to try, widest first (fp32: 16 = one AVX-512 register)
@@ -79,7 +81,7 @@ def _tile(sch, info, cores: int) -> bool:
     work = 1
     for e in extents:
         work *= e
-    return _tiling.tile_reduction(sch, info.block_rv, kinds, extents,
+    return tiling.tile_reduction(sch, info.block_rv, kinds, extents,
                                   cores > 1 and work >= _MIN_PARALLEL_WORK)
 
 
@@ -98,7 +100,7 @@ def _schedule_block(sch, info, cores: int) -> bool:
     lanes = next((v for v in _VECTOR if inner_ext % v == 0), None)
     if lanes is None and inner_ext > 4:  # e.g. a 13- or 27-wide feature map: masked tail
         lanes = 8 if inner_ext > 8 else 4
-    if reduce and not _tiling.contiguous_in_a_read(sch, info.block_rv, kinds.rindex("S")):
+    if reduce and not tiling.contiguous_in_a_read(sch, info.block_rv, kinds.rindex("S")):
         lanes = None  # a row reduction (softmax, norms): vectors would be gathers
     outer = spatial[:-1]
     vec = None
@@ -170,6 +172,14 @@ def schedule_func(func, cores: int):
                 pass
             sch = snapshot  # a rule that gave up may have changed loops half-way
     return sch.mod["main"] if done else None
+
+
+def scheduled_count(mod) -> int:
+    """Kernels of ``mod`` marked as scheduled."""
+    import tvm
+
+    return sum(1 for _, f in mod.functions.items()
+               if isinstance(f, tvm.tirx.PrimFunc) and f.attrs and f.attrs.get(SCHEDULED))
 
 
 def apply_default(mod, tvm_target) -> tuple[Any, int]:

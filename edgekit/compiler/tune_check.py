@@ -1,8 +1,8 @@
 """Tuning records against edgekit's default schedules: check once, apply only the winners.
 
-Tuning never makes a kernel slower than edgekit's default schedule (``edgekit.schedules``):
-after a session (``tune.tune``), every kernel of the model that has a record is built twice,
-with the record's schedule and with the default schedule, and the two are timed alternately in this
+Tuning never makes a kernel slower than edgekit's default schedule (``schedules``): after a
+session (``tune.tune``), every kernel of the model that has a record is built twice, with the
+record's schedule and with the default schedule, and the two are timed alternately in this
 process on the same random inputs (best of several runs each). The result goes into
 ``edgekit_default_check.json`` next to the records, keyed by the kernel's workload and the
 structural hashes of both schedules; a compile applies a record only if that check did not
@@ -23,16 +23,10 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from edgekit.compiler.progress import Progress, no_progress
+from edgekit.compiler.schedules import SCHEDULED, apply_default, scheduled_count
+from edgekit.compiler.tuning_db import has_records, open_database
 from edgekit.errors import last_line
-from edgekit.tune import (
-    SCHEDULED,
-    Progress,
-    build_kernel,
-    has_records,
-    no_progress,
-    open_database,
-    scheduled_count,
-)
 
 _CHECKS = "edgekit_default_check.json"
 
@@ -102,8 +96,6 @@ def _kernels_with_records(mod, tvm_target, database) -> dict:
     every unscheduled kernel of ``mod`` that ``database`` has a record for."""
     import tvm
 
-    from edgekit import schedules
-
     out = {}
     for gv, func in mod.functions.items():
         if not isinstance(func, tvm.tirx.PrimFunc) or (func.attrs and func.attrs.get(SCHEDULED)):
@@ -112,9 +104,20 @@ def _kernels_with_records(mod, tvm_target, database) -> dict:
         sch = database.query_schedule(norm, tvm_target, "main")
         if sch is None:
             continue
-        default, _ = schedules.apply_default(tvm.IRModule({"main": norm["main"]}), tvm_target)
+        default, _ = apply_default(tvm.IRModule({"main": norm["main"]}), tvm_target)
         out[gv] = (norm, default["main"], sch.mod["main"])
     return out
+
+
+def build_kernel(mod, target, _params=None):
+    """MetaSchedule's build step without importing every tensor intrinsic (CUDA, ARM...)
+    in each worker: that import alone takes ~1 min of CPU, and fp32 CPU schedules use none.
+    Tuning builds its candidates with it, and the check below the two schedules it times."""
+    from tvm.driver import build as tir_build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
+    return tir_build(mod, target=target)
 
 
 def load_checks(db: Path) -> dict[str, KernelCheck]:
