@@ -27,7 +27,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgekit.passes._channel_axis import RESHAPES, axis_backward, axis_forward, rank_of
-from edgekit.passes._ir import const_array
+from edgekit.passes._ir import Builder, const_array
 from edgekit.passes.core import PassReport
 
 Plan = Callable[[], tuple[str, ir.Value]]  # applies a fold; returns (rule, value now == out)
@@ -44,21 +44,6 @@ class ChannelAffine:
     scale: np.ndarray
     shift: np.ndarray
     nodes: list[ir.Node]
-
-
-class Names:
-    """Fresh names for new initializers and values (ONNX names must stay unique)."""
-
-    def __init__(self, graph: ir.Graph) -> None:
-        self.used = {v.name for v in graph.inputs} | set(graph.initializers)
-        self.used |= {o.name for n in graph for o in n.outputs}
-
-    def fresh(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.used:
-            name, i = f"{base}_{i}", i + 1
-        self.used.add(name)
-        return name
 
 
 def bn_scale_shift(node: ir.Node) -> tuple[np.ndarray, np.ndarray] | str:
@@ -109,15 +94,7 @@ def _bias(node: ir.Node, index: int, channels: int) -> np.ndarray | str:
     return arr.astype(np.float64)
 
 
-def new_const(graph: ir.Graph, names: Names, base: str, arr: np.ndarray) -> ir.Value:
-    """Register ``arr`` as a new initializer with a fresh name based on ``base``."""
-    name = names.fresh(base)
-    value = ir.val(name, const_value=ir.tensor(np.ascontiguousarray(arr), name=name))
-    graph.register_initializer(value)
-    return value
-
-
-def set_input(graph: ir.Graph, names: Names, node: ir.Node, index: int, arr: np.ndarray,
+def set_input(builder: Builder, node: ir.Node, index: int, arr: np.ndarray,
               base: str) -> None:
     """Make ``arr`` input ``index`` of ``node``: in place if only it reads it, else fresh."""
     old = node.inputs[index] if len(node.inputs) > index else None
@@ -128,20 +105,17 @@ def set_input(graph: ir.Graph, names: Names, node: ir.Node, index: int, arr: np.
         return
     if len(node.inputs) <= index:
         node.resize_inputs(index + 1)
-    node.replace_input_with(index, new_const(graph, names, base, arr))
+    node.replace_input_with(index, builder.const(arr, base))
 
 
-def _add_bias_after(graph: ir.Graph, names: Names, node: ir.Node, bias: np.ndarray) -> ir.Value:
+def _add_bias_after(builder: Builder, node: ir.Node, bias: np.ndarray) -> ir.Value:
     """Insert ``Add(node's output, bias)`` and move every reader of the output onto it."""
-    out, readers = node.outputs[0], node.outputs[0].uses()
-    const = new_const(graph, names, f"{node.name}_bias", bias)
-    add = ir.node("Add", [out, const], name=names.fresh(f"{node.name}_bias_add"))
-    add.outputs[0].name = names.fresh(f"{out.name}_biased")
-    add.outputs[0].type, add.outputs[0].shape = out.type, out.shape
-    graph.insert_after(node, add)
-    for reader, index in readers:
-        reader.replace_input_with(index, add.outputs[0])
-    return add.outputs[0]
+    out = node.outputs[0]
+    const = builder.const(bias, f"{node.name}_bias")
+    biased = builder.op("Add", [out, const], at=node, after=True, hint=f"{node.name}_bias",
+                        like=out, shape=out.shape)
+    builder.redirect(out, biased)
+    return biased
 
 
 def _scale_output(node: ir.Node, w: np.ndarray, a: np.ndarray) -> np.ndarray:
@@ -156,7 +130,7 @@ def _scale_output(node: ir.Node, w: np.ndarray, a: np.ndarray) -> np.ndarray:
     return w * (a[:, None] if trans_b else a[None, :])
 
 
-def _plan_producer(graph: ir.Graph, names: Names, p: ir.Node, axis: int, rank: int,
+def _plan_producer(builder: Builder, p: ir.Node, axis: int, rank: int,
                    a: np.ndarray, b: np.ndarray) -> Plan | str:
     mm, bias_at = p, (p, 2)  # the node holding the weight, and where its bias lives
     if p.op_type == "Add":  # MatMul + constant bias
@@ -188,21 +162,21 @@ def _plan_producer(graph: ir.Graph, names: Names, p: ir.Node, axis: int, rank: i
 
     def apply() -> tuple[str, ir.Value]:
         new_w = _scale_output(mm, w.astype(np.float64), a)
-        set_input(graph, names, mm, 1, new_w.astype(w.dtype), f"{mm.inputs[1].name}_folded")
+        set_input(builder, mm, 1, new_w.astype(w.dtype), f"{mm.inputs[1].name}_folded")
         if bias_at is None:
-            return "into-matmul", _add_bias_after(graph, names, mm, b.astype(w.dtype))
+            return "into-matmul", _add_bias_after(builder, mm, b.astype(w.dtype))
         beta = p.attributes.get_float("beta", 1.0) if op == "Gemm" else 1.0
         if op == "Gemm":
             p.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
         # a and b broadcast on the last axis, where a MatMul/Gemm bias has its channels
         new_b = (a * beta * bias + b).astype(w.dtype)
-        set_input(graph, names, *bias_at, new_b, f"{mm.name}_bias_folded")
+        set_input(builder, *bias_at, new_b, f"{mm.name}_bias_folded")
         return f"into-{op.lower()}", p.outputs[0]
 
     return apply
 
 
-def plan_into_producer(graph: ir.Graph, names: Names, aff: ChannelAffine) -> Plan | str:
+def plan_into_producer(builder: Builder, aff: ChannelAffine) -> Plan | str:
     """Fold ``aff`` into the linear op that produces ``src`` (through layout ops)."""
     value, axis, allowed = aff.src, aff.axis, set(aff.nodes)
     while True:
@@ -220,7 +194,7 @@ def plan_into_producer(graph: ir.Graph, names: Names, aff: ChannelAffine) -> Pla
         value, allowed = p.inputs[0], {p, *aff.nodes}  # pattern nodes die with the fold
     if rank_of(value) is None:
         return f"rank of {value.name!r} is unknown"
-    plan = _plan_producer(graph, names, p, axis, rank_of(value), aff.scale, aff.shift)
+    plan = _plan_producer(builder, p, axis, rank_of(value), aff.scale, aff.shift)
     if isinstance(plan, str):
         return plan
 
@@ -231,7 +205,7 @@ def plan_into_producer(graph: ir.Graph, names: Names, aff: ChannelAffine) -> Pla
     return apply
 
 
-def _plan_consumer(graph: ir.Graph, names: Names, node: ir.Node, index: int, rank: int,
+def _plan_consumer(builder: Builder, node: ir.Node, index: int, rank: int,
                    axis: int, a: np.ndarray, b: np.ndarray) -> Callable[[], str] | str:
     op = node.op_type
     if index != 0 or op not in ("MatMul", "Conv", "Gemm") or node.attributes.get_int("transA", 0):
@@ -268,12 +242,12 @@ def _plan_consumer(graph: ir.Graph, names: Names, node: ir.Node, index: int, ran
         return bias
 
     def apply() -> str:
-        set_input(graph, names, node, 1, new_w.astype(w.dtype), f"{node.inputs[1].name}_folded")
+        set_input(builder, node, 1, new_w.astype(w.dtype), f"{node.inputs[1].name}_folded")
         if op != "MatMul":
             beta = node.attributes.get_float("beta", 1.0) if op == "Gemm" else 1.0
             if op == "Gemm":
                 node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
-            set_input(graph, names, node, 2, (beta * bias + delta).astype(w.dtype),
+            set_input(builder, node, 2, (beta * bias + delta).astype(w.dtype),
                       f"{node.name}_bias_folded")
             return f"into-next-{op.lower()}"
         out = node.outputs[0]
@@ -281,16 +255,16 @@ def _plan_consumer(graph: ir.Graph, names: Names, node: ir.Node, index: int, ran
         k = next((i for i in (0, 1) if const_array(add.inputs[i]) is not None), None) \
             if add is not None and add.op_type == "Add" else None
         if k is None:
-            _add_bias_after(graph, names, node, delta.astype(w.dtype))
+            _add_bias_after(builder, node, delta.astype(w.dtype))
         else:  # MatMul + bias: W·b joins the existing bias (any constant broadcasts the same)
             new_b = const_array(add.inputs[k]).astype(np.float64) + delta
-            set_input(graph, names, add, k, new_b.astype(w.dtype), f"{add.name}_bias_folded")
+            set_input(builder, add, k, new_b.astype(w.dtype), f"{add.name}_bias_folded")
         return "into-next-matmul"
 
     return apply
 
 
-def plan_into_consumers(graph: ir.Graph, names: Names, aff: ChannelAffine) -> Plan | str:
+def plan_into_consumers(builder: Builder, aff: ChannelAffine) -> Plan | str:
     """Fold ``aff`` into every linear op reading ``out`` (through commuting ops)."""
     plans, stack = [], [(aff.out, aff.axis)]
     while stack:
@@ -304,7 +278,7 @@ def plan_into_consumers(graph: ir.Graph, names: Names, aff: ChannelAffine) -> Pl
                 continue
             if rank_of(value) is None:
                 return f"rank of {value.name!r} is unknown"
-            plan = _plan_consumer(graph, names, node, index, rank_of(value), axis, aff.scale,
+            plan = _plan_consumer(builder, node, index, rank_of(value), axis, aff.scale,
                                   aff.shift)
             if isinstance(plan, str):
                 return plan
@@ -318,11 +292,11 @@ def plan_into_consumers(graph: ir.Graph, names: Names, aff: ChannelAffine) -> Pl
     return apply
 
 
-def replace_value(names: Names, old: ir.Value, new: ir.Value) -> None:
+def replace_value(builder: Builder, old: ir.Value, new: ir.Value) -> None:
     """Move every reader of ``old`` to ``new``; a graph output keeps its name."""
     if old.is_graph_output() and not (new.is_graph_input() or new.is_initializer()):
         name = old.name
-        old.name = names.fresh(f"{name}_replaced")
+        old.name = builder.fresh(f"{name}_replaced")
         new.name = name
     old.replace_all_uses_with(new, replace_graph_outputs=True)
 
@@ -339,24 +313,20 @@ def remove_dead(graph: ir.Graph, nodes: list[ir.Node]) -> None:
                 changed = True
 
 
-def decompose(graph: ir.Graph, names: Names, aff: ChannelAffine) -> ir.Value | str:
+def decompose(builder: Builder, aff: ChannelAffine) -> ir.Value | str:
     """``Mul(src, a)`` then ``Add(., b)``, with ``a``/``b`` shaped to broadcast on the axis."""
     if rank_of(aff.src) is None:
         return f"rank of {aff.src.name!r} is unknown"
     dtype = aff.src.dtype.numpy() if aff.src.dtype is not None else np.float32
     shape = (-1,) + (1,) * (rank_of(aff.src) - 1 - aff.axis)
-    scale, shift = (new_const(graph, names, f"{aff.name}_{base}", v.reshape(shape).astype(dtype))
-                    for base, v in (("scale", aff.scale), ("shift", aff.shift)))
-    mul = ir.node("Mul", [aff.src, scale], name=names.fresh(f"{aff.name}_mul"))
-    add = ir.node("Add", [mul.outputs[0], shift], name=names.fresh(f"{aff.name}_add"))
-    for node, base in ((mul, "scaled"), (add, "shifted")):
-        node.outputs[0].name = names.fresh(f"{aff.name}_{base}")
-        node.outputs[0].type, node.outputs[0].shape = aff.out.type, aff.out.shape
-    graph.insert_before(aff.out.producer(), [mul, add])
-    return add.outputs[0]
+    at = builder.at(aff.out.producer(), hint=aff.name, like=aff.out)
+    scale = at.const(aff.scale.reshape(shape).astype(dtype), f"{aff.name}_scale")
+    shift = at.const(aff.shift.reshape(shape).astype(dtype), f"{aff.name}_shift")
+    scaled = at.op("Mul", [aff.src, scale], shape=aff.out.shape)
+    return at.op("Add", [scaled, shift], shape=aff.out.shape)
 
 
-def cancel_transposes(graph: ir.Graph, names: Names, value: ir.Value) -> None:
+def cancel_transposes(builder: Builder, value: ir.Value) -> None:
     """Drop ``Transpose(Transpose(v))`` pairs that a fold left behind around ``value``."""
     first = value.producer()
     if first is None or first.op_type != "Transpose":
@@ -366,31 +336,31 @@ def cancel_transposes(graph: ir.Graph, names: Names, value: ir.Value) -> None:
         back = list(reader.attributes.get_ints("perm", [])) if reader.op_type == "Transpose" \
             else None
         if perm and back and len(back) == len(perm) and [perm[i] for i in back] == sorted(perm):
-            replace_value(names, reader.outputs[0], first.inputs[0])
-            remove_dead(graph, [reader, first])
+            replace_value(builder, reader.outputs[0], first.inputs[0])
+            remove_dead(builder.graph, [reader, first])
 
 
-def fold_affine(graph: ir.Graph, names: Names, aff: ChannelAffine, report: PassReport,
+def fold_affine(builder: Builder, aff: ChannelAffine, report: PassReport,
                 allow_decompose: bool) -> None:
     """Fold ``aff`` into its producer, else its consumers, else (if allowed) Mul+Add."""
     reasons = []
     for where, planner in (("producer", plan_into_producer), ("consumers", plan_into_consumers)):
-        plan = planner(graph, names, aff)
+        plan = planner(builder, aff)
         if isinstance(plan, str):
             reasons.append(f"{where}: {plan}")
             continue
         rule, new_src = plan()
-        replace_value(names, aff.out, new_src)
-        remove_dead(graph, aff.nodes)
-        cancel_transposes(graph, names, new_src)
+        replace_value(builder, aff.out, new_src)
+        remove_dead(builder.graph, aff.nodes)
+        cancel_transposes(builder, new_src)
         report.change(rule)
         return
     why = "; ".join(reasons)
     if allow_decompose:
-        new = decompose(graph, names, aff)
+        new = decompose(builder, aff)
         if not isinstance(new, str):
-            replace_value(names, aff.out, new)
-            remove_dead(graph, aff.nodes)
+            replace_value(builder, aff.out, new)
+            remove_dead(builder.graph, aff.nodes)
             report.change("to-mul-add")
             report.skip(aff.name, f"not folded ({why}); replaced by Mul+Add")
             return

@@ -13,8 +13,10 @@ op is replaced by a polynomial valid on the range its input takes on calibration
   calibrated ``[lo, hi]``: the start is the tangent line that stays below the target over the
   whole range (so the iteration converges monotonically from below), and the iteration count
   is the smallest that reaches the tolerance over the range (checked on a dense log grid);
-* ``Emitter`` writes these as ONNX Add/Sub/Mul nodes and tracks the multiplicative depth it
-  adds (ct×ct and ct×plaintext products each cost one level), mirroring edgekit.he.check.
+* ``write_cheb`` / ``write_newton`` write these as ONNX Add/Sub/Mul nodes through the passes'
+  ``Builder`` (at a node, typed like its input); each design's ``depth`` is the
+  multiplicative depth they add (ct×ct and ct×plaintext products each cost one level),
+  mirroring edgekit.he.check.
 
 Every design function has a numpy twin used to simulate the rewritten op in float64, so passes
 choose degrees and iteration counts by measuring the error on calibration data.
@@ -31,7 +33,7 @@ import onnx
 import onnx_ir as ir
 
 from edgekit.errors import EdgekitError
-from edgekit.passes._ir import Builder
+from edgekit.passes._ir import Builder, dims, ensure_shapes
 from edgekit.verify import ort_session
 
 MARGIN = 0.1  # fraction of the calibrated width added on each side of a fitted interval
@@ -178,76 +180,59 @@ def newton(kind: str, lo: float, hi: float, tol: float, iters: int = -1,
     return design
 
 
-class Emitter:
-    """Writes polynomial pieces as ONNX nodes before ``at``; tracks the depth they add."""
+def affine(b: Builder, x: ir.Value, scale: float, shift: float) -> ir.Value:
+    """``x·scale + shift``, leaving out a unit scale and a zero shift."""
+    y = x if scale == 1 else b.op("Mul", [x, b.scalar(float(scale))])
+    return y if shift == 0 else b.op("Add", [y, b.scalar(float(shift))])
 
-    def __init__(self, builder: Builder, at: ir.Node, like: ir.Value, hint: str):
-        self.b, self.at, self.like, self.hint = builder, at, like, hint
-        self.dtype = np.dtype(like.dtype.numpy()) if like.dtype is not None else np.float32
 
-    def _op(self, op: str, inputs: list, attrs: dict | None = None) -> ir.Value:
-        return self.b.op(op, inputs, attrs, at=self.at, hint=self.hint, like=self.like)
+def write_cheb(b: Builder, x: ir.Value, p: Cheb) -> ir.Value:
+    """Σ c_k T_k(t), t = affine map of x onto [−1, 1]."""
+    t = affine(b, x, 2 / (p.hi - p.lo), -(p.hi + p.lo) / (p.hi - p.lo))
+    basis: dict[int, ir.Value] = {1: t}
 
-    def c(self, number: float) -> ir.Value:
-        return self.b.scalar(float(number), self.dtype, f"{self.hint}_c")
+    def T(k: int) -> ir.Value:
+        if k not in basis:
+            m = k // 2
+            prod = b.op("Mul", [T(m), T(k - m)])
+            twice = b.op("Add", [prod, prod])
+            basis[k] = b.op("Sub", [twice, b.scalar(1.0) if k % 2 == 0 else t])
+        return basis[k]
 
-    def add(self, x: ir.Value, y: ir.Value) -> ir.Value:
-        return self._op("Add", [x, y])
+    total = None
+    for k in range(1, p.degree + 1):
+        if p.coef[k] != 0:
+            term = b.op("Mul", [T(k), b.scalar(float(p.coef[k]))])
+            total = term if total is None else b.op("Add", [total, term])
+    if total is None:
+        total = b.op("Mul", [t, b.scalar(0.0)])
+    return b.op("Add", [total, b.scalar(float(p.coef[0]))]) if p.coef[0] != 0 else total
 
-    def sub(self, x: ir.Value, y: ir.Value) -> ir.Value:
-        return self._op("Sub", [x, y])
 
-    def mul(self, x: ir.Value, y: ir.Value) -> ir.Value:
-        return self._op("Mul", [x, y])
-
-    def affine(self, x: ir.Value, scale: float, shift: float) -> ir.Value:
-        y = x if scale == 1 else self.mul(x, self.c(scale))
-        return y if shift == 0 else self.add(y, self.c(shift))
-
-    def reduce(self, op: str, x: ir.Value, axis: int | Sequence[int]) -> ir.Value:
-        """ReduceMean/ReduceSum keeping dims; axes an input from opset 18 (Sum: 13)."""
-        graph = self.at.graph
-        opset = graph.opset_imports.get("", 18) if graph is not None else 18
-        if opset < (13 if op == "ReduceSum" else 18):
-            axes_list = [axis] if isinstance(axis, int) else list(axis)
-            return self._op(op, [x], {"keepdims": 1, "axes": axes_list})
-        if isinstance(axis, int):
-            axes = self.b.scalar(axis, np.dtype(np.int64), "axes")
+def write_newton(b: Builder, s: ir.Value, n: Newton) -> ir.Value:
+    """``n``'s start ``a + b·s``, then its Newton steps for 1/s or 1/√s."""
+    y = affine(b, s, n.b, n.a)
+    half_s = b.op("Mul", [s, b.scalar(0.5)]) if n.kind == "rsqrt" and n.iters else s
+    for _ in range(n.iters):
+        if n.kind == "recip":
+            y = b.op("Mul", [y, b.op("Sub", [b.scalar(2.0), b.op("Mul", [s, y])])])
         else:
-            axes = self.b.const(np.array(list(axis), dtype=np.int64), "axes")
-        return self._op(op, [x, axes], {"keepdims": 1})
+            y = b.op("Mul", [y, b.op("Sub", [b.scalar(1.5),
+                                             b.op("Mul", [b.op("Mul", [half_s, y]), y])])])
+    return y
 
-    def cheb(self, x: ir.Value, p: Cheb) -> ir.Value:
-        """Σ c_k T_k(t), t = affine map of x onto [−1, 1]."""
-        t = self.affine(x, 2 / (p.hi - p.lo), -(p.hi + p.lo) / (p.hi - p.lo))
-        basis: dict[int, ir.Value] = {1: t}
 
-        def T(k: int) -> ir.Value:
-            if k not in basis:
-                m = k // 2
-                prod = self.mul(T(m), T(k - m))
-                twice = self.add(prod, prod)
-                basis[k] = self.sub(twice, self.c(1.0) if k % 2 == 0 else t)
-            return basis[k]
-
-        total = None
-        for k in range(1, p.degree + 1):
-            if p.coef[k] != 0:
-                term = self.mul(T(k), self.c(p.coef[k]))
-                total = term if total is None else self.add(total, term)
-        if total is None:
-            total = self.mul(t, self.c(0.0))
-        return self.add(total, self.c(p.coef[0])) if p.coef[0] != 0 else total
-
-    def newton(self, s: ir.Value, n: Newton) -> ir.Value:
-        y = self.affine(s, n.b, n.a)
-        half_s = self.mul(s, self.c(0.5)) if n.kind == "rsqrt" and n.iters else s
-        for _ in range(n.iters):
-            if n.kind == "recip":
-                y = self.mul(y, self.sub(self.c(2.0), self.mul(s, y)))
-            else:
-                y = self.mul(y, self.sub(self.c(1.5), self.mul(self.mul(half_s, y), y)))
-        return y
+def row_length(b: Builder, x: ir.Value, axis: int) -> ir.Value:
+    """L, the length of ``x`` along ``axis``: a constant when static, else from the shape
+    (plaintext either way)."""
+    n = dims(x)[axis]
+    if isinstance(n, int):
+        return b.scalar(float(n))
+    shape = b.op("Shape", [x], {"start": axis, "end": axis + 1})
+    shape.type = ir.TensorType(ir.DataType.INT64)
+    cast = b.op("Cast", [shape], {"to": ir.DataType.from_numpy(b.dtype)})
+    cast.shape = ir.Shape([1])
+    return cast
 
 
 def describe(p: Cheb | Newton, raw: tuple[float, float] | None = None) -> dict:
@@ -268,8 +253,6 @@ def replace_unary(model: ir.Model, ctx, functions: dict[str, Callable[[np.ndarra
 
     The fit is weighted by the calibration data (``fit_on_data``); ``degree`` > 0 fixes it.
     """
-    from edgekit.passes._ir import ensure_shapes
-
     ensure_shapes(model)
     nodes = [n for n in model.graph if n.op_type in functions and n.domain in ("", "ai.onnx")]
     arrays = capture(model, [n.inputs[0] for n in nodes], ctx.samples)
@@ -282,9 +265,8 @@ def replace_unary(model: ir.Model, ctx, functions: dict[str, Callable[[np.ndarra
             f = functions.get("GeluTanh", f)
         lo, hi, raw_lo, raw_hi = span(xs)
         p = fit_on_data(f, xs, lo, hi, tol, degree)
-        out = node.outputs[0]
-        e = Emitter(b, node, node.inputs[0], node.name)
-        b.redirect(out, e.cheb(node.inputs[0], p))
+        x = node.inputs[0]
+        b.redirect(node.outputs[0], write_cheb(b.at(node, like=x), x, p))
         entry = describe(p, (raw_lo, raw_hi))
         err = np.concatenate([np.ravel(p(x) - f(x)) for x in xs])
         entry.update(op=node.op_type, max_abs_error_on_data=float(np.max(np.abs(err))),

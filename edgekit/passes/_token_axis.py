@@ -5,22 +5,20 @@ topological order, tracking which axes of each value are token axes (length N be
 Per op it rewrites what spells N: Reshape / Expand shape constants, Slice ends; a value without
 the token axis that meets a pruned one with N on the same axis is gathered with the same
 indices (e.g. an additive attention mask). Ops it cannot follow raise ``PassRefused`` naming
-the node. The result is shape-inferred again, so the next cut sees the new shapes.
+the node. ``infer_shapes`` then infers every shape again, so the next cut sees the new ones.
 """
 
 from __future__ import annotations
 
-import copy
 import math
-from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+import onnx_ir as ir
 
 from edgekit.errors import first_line
-from edgekit.onnx_nodes import attr as _attr
-from edgekit.passes._wpr import Emitter
+from edgekit.passes._ir import Builder, attr, const_array, index_of, static_shape
+from edgekit.passes._wpr import gather_tokens
 from edgekit.passes.core import PassRefused
 
 ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Where", "Equal", "Less", "LessOrEqual",
@@ -35,114 +33,72 @@ REDUCE = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "Re
           "ReduceL1", "ReduceSumSquare", "ReduceLogSumExp"}
 
 
-@dataclass
-class GraphInfo:
-    model: onnx.ModelProto
-    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    consts: dict[str, np.ndarray] = field(default_factory=dict)
-    producer: dict[str, onnx.NodeProto] = field(default_factory=dict)
-    consumers: dict[str, list[onnx.NodeProto]] = field(default_factory=dict)
-    order: dict[int, int] = field(default_factory=dict)
-    opset: int = 18
-
-    def shape(self, name: str) -> tuple[int, ...] | None:
-        return self.shapes.get(name)
-
-    def is_const(self, name: str) -> bool:
-        return name in self.consts
-
-    def position(self, node: onnx.NodeProto) -> int:
-        return self.order[id(node)]
-
-
-def graph_info(model: onnx.ModelProto) -> GraphInfo:
-    """A shape-inferred copy of ``model`` with lookup tables."""
-    model = copy.deepcopy(model)
-    del model.graph.value_info[:]
-    try:
-        model = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
-    except onnx.shape_inference.InferenceError as exc:
-        raise PassRefused(f"shape inference failed: {first_line(exc)}") from None
-    g = model.graph
-    info = GraphInfo(model, opset=next((o.version for o in model.opset_import
-                                        if o.domain in ("", "ai.onnx")), 18))
-    for vi in [*g.input, *g.value_info, *g.output]:
-        t = vi.type.tensor_type
-        if t.HasField("shape") and all(d.HasField("dim_value") for d in t.shape.dim):
-            info.shapes[vi.name] = tuple(d.dim_value for d in t.shape.dim)
-    for init in g.initializer:
-        info.consts[init.name] = numpy_helper.to_array(init)
-        info.shapes[init.name] = tuple(init.dims)
-    for i, node in enumerate(g.node):
-        info.order[id(node)] = i
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            info.consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-        for out in node.output:
-            info.producer[out] = node
-        for x in node.input:
-            info.consumers.setdefault(x, []).append(node)
-    return info
-
-
 class _Walk:
-    def __init__(self, info: GraphInfo, e: Emitter, idx: str, n: int, k: int, b: int):
-        self.info, self.e, self.idx, self.n, self.k, self.b = info, e, idx, n, k, b
-        self.tok: dict[str, set[int]] = {}
-        self.alias: dict[str, str] = {}  # new value -> the value it stands for (its old shape)
+    """The token axes of every value downstream of the cut; the edits that keep them valid.
 
-    def old_shape(self, name: str) -> tuple[int, ...] | None:
-        return self.info.shape(self.alias.get(name, name))
+    Values keep the shapes inferred before the cut until the walk ends, so ``old_shape`` is
+    the shape with N tokens (``alias`` maps a value the walk made to the one it stands for).
+    """
 
-    def refuse(self, node: onnx.NodeProto, why: str):
-        raise PassRefused(f"{node.op_type} node {node.name!r} {why}", node.name)
+    def __init__(self, b: Builder, idx: ir.Value, n: int, k: int, batch: int):
+        self.b, self.idx, self.n, self.k, self.batch = b, idx, n, k, batch
+        self.tok: dict[ir.Value, set[int]] = {}
+        self.alias: dict[ir.Value, ir.Value] = {}
 
-    def const_input(self, node: onnx.NodeProto, i: int) -> np.ndarray:
-        if i >= len(node.input) or node.input[i] not in self.info.consts:
+    def old_shape(self, value: ir.Value | None) -> tuple[int, ...] | None:
+        return static_shape(self.alias.get(value, value))
+
+    def refuse(self, node: ir.Node, why: str):
+        raise PassRefused(f"{node.op_type} node {node.name!r} {why}", node.name or "")
+
+    def const_input(self, node: ir.Node, i: int) -> np.ndarray:
+        arr = const_array(node.inputs[i]) if i < len(node.inputs) else None
+        if arr is None:
             self.refuse(node, f"needs a constant input {i} to follow the token count")
-        return self.info.consts[node.input[i]]
+        return arr
 
-    def set_const(self, node: onnx.NodeProto, i: int, value: np.ndarray) -> None:
-        node.input[i] = self.e.const(value, "shape")
+    def set_const(self, node: ir.Node, i: int, value: np.ndarray) -> None:
+        self.b.set_const(node, i, np.asarray(value))
 
-    def gather_side(self, node: onnx.NodeProto, i: int, axes: set[int], rank: int) -> None:
+    def gather_side(self, node: ir.Node, i: int, axes: set[int], rank: int) -> None:
         """Gather input ``i`` along the token axes (output coordinates) where it spells N."""
-        name = node.input[i]
-        shape = list(self.old_shape(name) or ())
-        have = self.tok.get(name, set())
+        value = node.inputs[i]
+        shape = list(self.old_shape(value) or ())
+        have = self.tok.get(value, set())
         off = rank - len(shape)
         for t in sorted(axes):
             a = t - off
             if a < 0 or a in have or shape[a] == 1:
                 continue
-            if shape[a] != self.n or off or a == 0 or shape[0] not in (1, self.b):
-                self.refuse(node, f"meets the pruned tokens with input {name!r} shaped "
+            if shape[a] != self.n or off or a == 0 or shape[0] not in (1, self.batch):
+                self.refuse(node, f"meets the pruned tokens with input {value.name!r} shaped "
                                   f"{tuple(shape)}, which it cannot gather")
-            old = self.alias.get(name, name)
-            name = self.e.gather_tokens(name, tuple(shape), a, self.idx, self.b)
-            self.alias[name] = old
-            shape[a], shape[0] = self.k, max(shape[0], self.b)
+            old = self.alias.get(value, value)
+            value = gather_tokens(self.b, value, tuple(shape), a, self.idx, self.batch)
+            self.alias[value] = old
+            shape[a], shape[0] = self.k, max(shape[0], self.batch)
             have = have | {a}
-        node.input[i] = name
+        node.replace_input_with(i, value)
 
-    def visit(self, node: onnx.NodeProto) -> list[set[int]]:
-        op, ins = node.op_type, list(node.input)
+    def visit(self, node: ir.Node) -> list[set[int]]:
+        op, ins = node.op_type, list(node.inputs)
         t = [self.tok.get(x, set()) for x in ins]
         rank = [len(self.old_shape(x) or ()) for x in ins]
         if op in PER_TOKEN:
             if any(t[1:]):
                 self.refuse(node, "reads pruned tokens in a parameter input")
-            return [set(t[0])] + [set() for _ in node.output[1:]]
+            return [set(t[0])] + [set() for _ in node.outputs[1:]]
         if op in ELEMENTWISE or op == "Concat":
             r = max(rank)
             axes = set().union(*({a + r - rk for a in ta} for ta, rk in zip(t, rank, strict=True)))
-            if op == "Concat" and (_attr(node, "axis") % r) in axes:
+            if op == "Concat" and (attr(node, "axis", 0) % r) in axes:
                 self.refuse(node, "concatenates along the token axis")
             for i in range(len(ins)):
-                if ins[i]:
+                if ins[i] is not None:
                     self.gather_side(node, i, axes, r)
             return [axes]
         if op == "Transpose":
-            perm = _attr(node, "perm") or list(range(rank[0]))[::-1]
+            perm = attr(node, "perm", None) or list(range(rank[0]))[::-1]
             return [{j for j, p in enumerate(perm) if p in t[0]}]
         if op == "MatMul":
             return [self.matmul(node, t, rank)]
@@ -150,11 +106,11 @@ class _Walk:
             return [self.reshape(node, t[0])]
         if op == "Flatten":
             old = self.old_shape(ins[0])
-            axis = _attr(node, "axis", 1) % max(len(old), 1)
+            axis = attr(node, "axis", 1) % max(len(old), 1)
             return [self.map_reshape(node, old, [math.prod(old[:axis]), math.prod(old[axis:])],
                                      t[0])]
         if op == "Gemm":
-            if any(t[1:]) or _attr(node, "transA", 0) or t[0] != {0}:
+            if any(t[1:]) or attr(node, "transA", 0) or t[0] != {0}:
                 self.refuse(node, "reads pruned tokens other than as rows of A")
             return [{0}]
         if op in ("Unsqueeze", "Squeeze"):
@@ -175,10 +131,10 @@ class _Walk:
             self.set_const(node, 1, shape)
             return [axes]
         if op == "Split":
-            axis = _attr(node, "axis", 0) % rank[0]
+            axis = attr(node, "axis", 0) % rank[0]
             if axis in t[0]:
                 self.refuse(node, "splits along the token axis")
-            return [set(t[0]) for _ in node.output]
+            return [set(t[0]) for _ in node.outputs]
         self.refuse(node, "reads the pruned tokens and token-prune cannot follow it")
         return []
 
@@ -196,7 +152,7 @@ class _Walk:
         return out
 
     def reshape(self, node, axes: set[int]) -> set[int]:
-        old_in = self.old_shape(node.input[0])
+        old_in = self.old_shape(node.inputs[0])
         target = [int(v) for v in self.const_input(node, 1)]
         if old_in is None:
             self.refuse(node, "has an input of unknown shape")
@@ -222,9 +178,9 @@ class _Walk:
         return new_axes
 
     def _axes(self, node, rank: int, input_index: int) -> list[int] | None:
-        if len(node.input) > input_index and node.input[input_index]:
+        if index_of(node, input_index):
             return [int(a) % rank for a in self.const_input(node, input_index).reshape(-1)]
-        axes = _attr(node, "axes")
+        axes = attr(node, "axes", None)
         return None if axes is None else [int(a) % rank for a in axes]
 
     def squeeze(self, node, axes: set[int], rank: int) -> set[int]:
@@ -235,19 +191,19 @@ class _Walk:
             return {kept[a] for a in axes}
         removed = self._axes(node, rank, 1)
         if removed is None:
-            removed = [i for i, d in enumerate(self.old_shape(node.input[0]) or ()) if d == 1]
+            removed = [i for i, d in enumerate(self.old_shape(node.inputs[0]) or ()) if d == 1]
         if set(removed) & axes:
             self.refuse(node, "squeezes the token axis")
         kept = [i for i in range(rank) if i not in removed]
         return {kept.index(a) for a in axes}
 
     def _raw_axes(self, node) -> list[int]:
-        if len(node.input) > 1 and node.input[1]:
+        if index_of(node, 1):
             return [int(a) for a in self.const_input(node, 1).reshape(-1)]
-        return list(_attr(node, "axes", []))
+        return list(attr(node, "axes", []))
 
     def gather(self, node, t, rank) -> set[int]:
-        axis = _attr(node, "axis", 0) % rank[0]
+        axis = attr(node, "axis", 0) % rank[0]
         if t[1]:
             self.refuse(node, "gathers with pruned indices")
         q = rank[1]
@@ -260,8 +216,7 @@ class _Walk:
     def slice(self, node, axes: set[int], rank: int) -> set[int]:
         starts, ends = self.const_input(node, 1), self.const_input(node, 2).copy()
         sliced = self._axes(node, rank, 3) or list(range(len(starts)))
-        steps = (self.const_input(node, 4) if len(node.input) > 4 and node.input[4]
-                 else np.ones_like(starts))
+        steps = self.const_input(node, 4) if index_of(node, 4) else np.ones_like(starts)
         out = set(axes)
         for i, a in enumerate(sliced):
             if a not in axes:
@@ -277,46 +232,64 @@ class _Walk:
         return out
 
     def reduce(self, node, axes: set[int], rank: int) -> set[int]:
-        index = 1 if node.op_type == "ReduceSum" and self.info.opset >= 13 or \
-            self.info.opset >= 18 else 99
+        index = 1 if node.op_type == "ReduceSum" and self.b.opset >= 13 or \
+            self.b.opset >= 18 else 99
         reduced = self._axes(node, rank, index)
         reduced = reduced if reduced else list(range(rank))
-        if _attr(node, "keepdims", 1):
+        if attr(node, "keepdims", 1):
             return axes - set(reduced)
         kept = [i for i in range(rank) if i not in reduced]
         return {kept.index(a) for a in axes if a in kept}
 
 
-def follow_tokens(info: GraphInfo, at: onnx.NodeProto, e: Emitter, idx: str, n: int, k: int,
-                  b: int) -> GraphInfo:
-    """Gather tokens ``idx`` out of ``at``'s (B, N, D) output; re-shape the rest of the graph."""
-    g = info.model.graph
-    stream = at.output[0]
-    pruned = e.gather_tokens(stream, info.shape(stream), 1, idx, b)
-    walk = _Walk(info, e, idx, n, k, b)
+def follow_tokens(b: Builder, at: ir.Node, idx: ir.Value, n: int, k: int, batch: int) -> None:
+    """Gather tokens ``idx`` out of ``at``'s (B, N, D) output; re-shape the rest of the graph.
+
+    ``b`` writes after ``at`` (the selection is already there); the gather comes next.
+    """
+    graph, stream = at.graph, at.outputs[0]
+    pruned = gather_tokens(b, stream, static_shape(stream), 1, idx, batch)
+    nodes = list(graph)
+    after = nodes[nodes.index(pruned.producer()) + 1:]  # the graph's own nodes after ``at``
+    walk = _Walk(b, idx, n, k, batch)
     walk.tok[pruned] = {1}
     walk.alias[pruned] = stream
-    start = info.position(at) + 1
-    before, after = list(g.node[:start]), list(g.node[start:])
-    emitted = len(e.nodes)
-    tail: list[onnx.NodeProto] = []
     for node in after:
-        node.input[:] = [pruned if x == stream else x for x in node.input]
-        if any(x in walk.tok for x in node.input):
-            mark = len(e.nodes)
+        for i, x in enumerate(node.inputs):
+            if x is stream:
+                node.replace_input_with(i, pruned)
+        if any(x in walk.tok for x in node.inputs):
+            walk.b = b.at(node, hint=b.hint)  # what the walk adds goes before the node
             outs = walk.visit(node)
-            tail.extend(e.nodes[mark:])
-            for name, axes in zip(node.output, outs, strict=False):
+            for value, axes in zip(node.outputs, outs, strict=False):
                 if axes:
-                    walk.tok[name] = axes
-        tail.append(node)
-    for out in g.output:
-        if out.name in walk.tok or out.name == stream:
+                    walk.tok[value] = axes
+    for out in graph.outputs:
+        if out in walk.tok or out is stream:
             raise PassRefused(f"graph output {out.name!r} carries the tokens; pruning would "
                               "change its shape")
-    del g.node[:]
-    g.node.extend(before + e.nodes[:emitted] + tail)
-    g.initializer.extend(e.inits)
-    e.nodes.clear()
-    e.inits.clear()
-    return graph_info(info.model)
+
+
+def infer_shapes(model: ir.Model) -> None:
+    """Forget the shape of every value a node computes and infer all again (strict, with data
+    propagation): a cut leaves stale shapes downstream. Refuses when inference fails."""
+    graph = model.graph
+    outputs = set(graph.outputs)
+    for node in graph:
+        for value in node.outputs:
+            if value not in outputs:
+                value.shape = None
+    try:
+        inferred = onnx.shape_inference.infer_shapes(ir.to_proto(model), strict_mode=True,
+                                                     data_prop=True)
+    except onnx.shape_inference.InferenceError as exc:
+        raise PassRefused(f"shape inference failed: {first_line(exc)}") from None
+    found = ir.convenience.create_value_mapping(ir.from_proto(inferred).graph)
+    for node in graph:
+        for value in node.outputs:
+            new = found.get(value.name)
+            if new is not None and new.shape is not None:
+                value.shape = new.shape
+                value.dtype = new.dtype if new.dtype is not None else value.dtype
+
+

@@ -30,138 +30,127 @@ tokens to keep:
    The r source tokens with the highest priority are pruned.
 5. The kept indices are sorted ascending, so token order (and the CLS position) is kept.
 
-Every count is static: TopK, GatherElements and Slice only, so TVM compiles the result.
+Every count is static: TopK, GatherElements and Slice only, so TVM compiles the result. The
+nodes are written through the passes' ``Builder`` (onnx-ir), wherever the builder stands.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
+import onnx_ir as ir
+
+from edgekit.passes._ir import Builder
 
 BIG = 1e9
+F32 = np.dtype(np.float32)
+
+Keys = tuple[ir.Value, str, tuple[int, ...]]  # (value, layout bhdn | bhnd | bnd, shape)
 
 
-class Emitter:
-    """Appends nodes and constants to lists, with names unique under ``prefix``."""
-
-    def __init__(self, prefix: str, opset: int):
-        self.prefix, self.opset = prefix, opset
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[onnx.TensorProto] = []
-        self._n = 0
-
-    def _name(self, hint: str) -> str:
-        self._n += 1
-        return f"{self.prefix}/{hint}_{self._n}"
-
-    def const(self, value, hint: str = "c", dtype=None) -> str:
-        name = self._name(hint)
-        self.inits.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
-        return name
-
-    def op(self, op_type: str, inputs: list[str], outputs: int = 1, **attrs) -> str | list[str]:
-        outs = [self._name(op_type.lower()) for _ in range(outputs)]
-        self.nodes.append(helper.make_node(op_type, inputs, outs, name=self._name(op_type),
-                                           **attrs))
-        return outs[0] if outputs == 1 else outs
-
-    def reduce(self, op_type: str, x: str, axes: list[int], keepdims: int) -> str:
-        if op_type == "ReduceSum" and self.opset >= 13 or self.opset >= 18:
-            return self.op(op_type, [x, self.const(axes, "axes", np.int64)], keepdims=keepdims)
-        return self.op(op_type, [x], axes=axes, keepdims=keepdims)
-
-    def topk(self, x: str, k: int, largest: int) -> list[str]:
-        return self.op("TopK", [x, self.const([k], "k", np.int64)], outputs=2, axis=-1,
-                       largest=largest, sorted=1)
-
-    def slice1(self, x: str, start: int, end: int) -> str:
-        """``x[:, start:end]``."""
-        starts, ends, axes, steps = (self.const([v], "s", np.int64) for v in (start, end, 1, 1))
-        return self.op("Slice", [x, starts, ends, axes, steps])
-
-    def gather_tokens(self, x: str, shape: tuple[int, ...], axis: int, idx: str,
-                      batch: int) -> str:
-        """``x`` (dim ``axis`` = tokens, dim 0 = batch or 1) restricted to ``idx`` (B, k)."""
-        target = list(shape)
-        if target[0] == 1 and batch > 1:
-            target[0] = batch
-            x = self.op("Expand", [x, self.const(target, "shape", np.int64)])
-        view = [1] * len(shape)
-        view[0] = batch
-        view[axis] = -1
-        col = self.op("Reshape", [idx, self.const(view, "view", np.int64)])
-        target[axis] = 1  # Expand keeps col's k along the token axis
-        index = self.op("Expand", [col, self.const(target, "shape", np.int64)])
-        return self.op("GatherElements", [x, index], axis=axis)
+def _i64(values) -> np.ndarray:
+    return np.asarray(values, dtype=np.int64)
 
 
-def emit_select(e: Emitter, probs: str, shape: tuple[int, int, int, int], k: int, r: int,
+def _f32(b: Builder, number: float) -> ir.Value:
+    return b.scalar(number, F32, f"{b.hint}_c")
+
+
+def _topk(b: Builder, x: ir.Value, k: int, largest: int) -> tuple[ir.Value, ir.Value]:
+    values, indices = b.op_multi("TopK", [x, b.const(_i64([k]), f"{b.hint}_k")],
+                                 {"axis": -1, "largest": largest, "sorted": 1}, 2)
+    return values, indices
+
+
+def _slice1(b: Builder, x: ir.Value, start: int, end: int) -> ir.Value:
+    """``x[:, start:end]``."""
+    starts, ends, axes, steps = (b.const(_i64([v]), f"{b.hint}_s") for v in (start, end, 1, 1))
+    return b.op("Slice", [x, starts, ends, axes, steps])
+
+
+def gather_tokens(b: Builder, x: ir.Value, shape: tuple[int, ...], axis: int, idx: ir.Value,
+                  batch: int) -> ir.Value:
+    """``x`` (dim ``axis`` = tokens, dim 0 = batch or 1) restricted to ``idx`` (B, k)."""
+    target = list(shape)
+    if target[0] == 1 and batch > 1:
+        target[0] = batch
+        x = b.op("Expand", [x, b.const(_i64(target), f"{b.hint}_shape")])
+    view = [1] * len(shape)
+    view[0] = batch
+    view[axis] = -1
+    col = b.op("Reshape", [idx, b.const(_i64(view), f"{b.hint}_view")])
+    target[axis] = 1  # Expand keeps col's k along the token axis
+    index = b.op("Expand", [col, b.const(_i64(target), f"{b.hint}_shape")])
+    return b.op("GatherElements", [x, index], {"axis": axis})
+
+
+def emit_select(b: Builder, probs: ir.Value, shape: tuple[int, int, int, int], k: int, r: int,
                 cls: int, iters: int, vmin: float, vmax: float, method: str, seed: int,
-                keys: tuple[str, str, tuple[int, ...]] | None, eir: bool = True) -> str:
+                keys: Keys | None, eir: bool = True) -> ir.Value:
     """Nodes computing the sorted kept indices (B, k) int64 from ``probs`` (B, H, N, N).
 
     ``keys`` is (value, layout, shape) with layout ``bhdn`` (Kᵀ), ``bhnd`` or ``bnd``; None
     only when ``r == 0``."""
-    b, h, n, _ = shape
+    bs, h, n, _ = shape
     if method == "random":
         rng = np.random.default_rng(seed)
-        score = e.op("Expand", [e.const(rng.random((1, n), dtype=np.float32), "rand"),
-                                e.const([b, n], "shape", np.int64)])
+        score = b.op("Expand", [b.const(rng.random((1, n), dtype=np.float32), f"{b.hint}_rand"),
+                                b.const(_i64([bs, n]), f"{b.hint}_shape")])
     else:
-        s = e.const(np.full((1, 1, 1, n), 1.0 / n, np.float32), "s0")
+        s = b.const(np.full((1, 1, 1, n), 1.0 / n, np.float32), f"{b.hint}_s0")
         for _ in range(1 if method == "colmean" else iters):
-            s = e.op("MatMul", [s, probs])
-        sh = e.op("Reshape", [s, e.const([b, h, n], "shape", np.int64)])
+            s = b.op("MatMul", [s, probs])
+        sh = b.op("Reshape", [s, b.const(_i64([bs, h, n]), f"{b.hint}_shape")])
         if method == "wpr":
-            score = _heads_wpr(e, sh, n, vmin, vmax, eir)
+            score = _heads_wpr(b, sh, n, vmin, vmax, eir)
         else:
-            score = e.reduce("ReduceSum", sh, [1], 0)
+            score = b.reduce("ReduceSum", sh, [1], keepdims=False)
     protect = np.arange(n) < cls
-    score = e.op("Where", [e.const(protect, "cls"), e.const(np.float32(BIG)), score])
-    vals, order = e.topk(score, k + r, largest=1)
+    score = b.op("Where", [b.const(protect, f"{b.hint}_cls"), _f32(b, BIG), score])
+    vals, order = _topk(b, score, k + r, largest=1)
     if r > 0:
         k_i = k + r
         n_a = min(k_i - cls, max(r, k_i - k_i // 2))
         n_b = k_i - n_a
         kv, layout, kshape = keys
         if layout == "bhdn":
-            km = e.op("Transpose", [e.reduce("ReduceMean", kv, [1], 0)], perm=[0, 2, 1])
+            km = b.op("Transpose", [b.reduce("ReduceMean", kv, [1], keepdims=False)],
+                      {"perm": [0, 2, 1]})
         elif layout == "bhnd":
-            km = e.reduce("ReduceMean", kv, [1], 0)
+            km = b.reduce("ReduceMean", kv, [1], keepdims=False)
         else:
             km = kv
-        norm = e.op("Sqrt", [e.reduce("ReduceSum", e.op("Mul", [km, km]), [-1], 1)])
-        kn = e.op("Div", [km, e.op("Add", [norm, e.const(np.float32(1e-6))])])
+        norm = b.op("Sqrt", [b.reduce("ReduceSum", b.op("Mul", [km, km]), [-1], keepdims=True)])
+        kn = b.op("Div", [km, b.op("Add", [norm, _f32(b, 1e-6)])])
         d = kshape[2] if layout == "bhdn" else kshape[-1]
-        ks = e.gather_tokens(kn, (b, n, d), 1, order, b)
-        sim = e.op("MatMul", [e.slice1(ks, n_b, k_i),
-                              e.op("Transpose", [e.slice1(ks, 0, n_b)], perm=[0, 2, 1])])
-        best = e.reduce("ReduceMax", sim, [-1], 0)
-        pad = e.op("Cast", [e.op("LessOrEqual", [e.slice1(vals, n_b, k_i),
-                                                 e.const(np.float32(0))])],
-                   to=TensorProto.FLOAT)
-        prio = e.op("Add", [best, e.op("Mul", [pad, e.const(np.float32(3))])])
-        _, low = e.topk(prio, n_a - r, largest=0)
-        kept_a = e.op("GatherElements", [e.slice1(order, n_b, k_i), low], axis=1)
-        order = e.op("Concat", [e.slice1(order, 0, n_b), kept_a], axis=1)
-    as_float = e.op("Cast", [order], to=TensorProto.FLOAT)
-    ascending, _ = e.topk(as_float, k, largest=0)
-    return e.op("Cast", [ascending], to=TensorProto.INT64)
+        ks = gather_tokens(b, kn, (bs, n, d), 1, order, bs)
+        sim = b.op("MatMul", [_slice1(b, ks, n_b, k_i),
+                              b.op("Transpose", [_slice1(b, ks, 0, n_b)], {"perm": [0, 2, 1]})])
+        best = b.reduce("ReduceMax", sim, [-1], keepdims=False)
+        pad = b.op("Cast", [b.op("LessOrEqual", [_slice1(b, vals, n_b, k_i), _f32(b, 0)])],
+                   {"to": ir.DataType.FLOAT})
+        prio = b.op("Add", [best, b.op("Mul", [pad, _f32(b, 3)])])
+        _, low = _topk(b, prio, n_a - r, largest=0)
+        kept_a = b.op("GatherElements", [_slice1(b, order, n_b, k_i), low], {"axis": 1})
+        order = b.op("Concat", [_slice1(b, order, 0, n_b), kept_a], {"axis": 1})
+    as_float = b.op("Cast", [order], {"to": ir.DataType.FLOAT})
+    ascending, _ = _topk(b, as_float, k, largest=0)
+    return b.op("Cast", [ascending], {"to": ir.DataType.INT64})
 
 
-def _heads_wpr(e: Emitter, sh: str, n: int, vmin: float, vmax: float, eir: bool) -> str:
+def _heads_wpr(b: Builder, sh: ir.Value, n: int, vmin: float, vmax: float,
+               eir: bool) -> ir.Value:
     """(B, N) importance from per-head WPR scores ``sh`` (B, H, N): head filter, then RMS (EIR)
     or mean over the kept heads."""
-    dev = e.op("Sub", [e.op("Mul", [sh, e.const(np.float32(n))]), e.const(np.float32(1))])
-    var = e.reduce("ReduceMean", e.op("Mul", [dev, dev]), [-1], 1)
-    ok = e.op("And", [e.op("GreaterOrEqual", [var, e.const(np.float32(vmin))]),
-                      e.op("LessOrEqual", [var, e.const(np.float32(vmax))])])
-    w = e.op("Cast", [ok], to=TensorProto.FLOAT)
-    count = e.reduce("ReduceSum", w, [1], 1)
-    any_ok = e.op("Greater", [count, e.const(np.float32(0))])
-    w = e.op("Where", [any_ok, w, e.const(np.float32(1))])
-    count = e.reduce("ReduceSum", w, [1], 0)  # (B, 1), at least 1
-    per_head = e.op("Mul", [sh, sh]) if eir else sh
-    mean = e.op("Div", [e.reduce("ReduceSum", e.op("Mul", [per_head, w]), [1], 0), count])
-    return e.op("Sqrt", [mean]) if eir else mean
+    dev = b.op("Sub", [b.op("Mul", [sh, _f32(b, n)]), _f32(b, 1)])
+    var = b.reduce("ReduceMean", b.op("Mul", [dev, dev]), [-1], keepdims=True)
+    ok = b.op("And", [b.op("GreaterOrEqual", [var, _f32(b, vmin)]),
+                      b.op("LessOrEqual", [var, _f32(b, vmax)])])
+    w = b.op("Cast", [ok], {"to": ir.DataType.FLOAT})
+    count = b.reduce("ReduceSum", w, [1], keepdims=True)
+    any_ok = b.op("Greater", [count, _f32(b, 0)])
+    w = b.op("Where", [any_ok, w, _f32(b, 1)])
+    count = b.reduce("ReduceSum", w, [1], keepdims=False)  # (B, 1), at least 1
+    per_head = b.op("Mul", [sh, sh]) if eir else sh
+    total = b.reduce("ReduceSum", b.op("Mul", [per_head, w]), [1], keepdims=False)
+    mean = b.op("Div", [total, count])
+    return b.op("Sqrt", [mean]) if eir else mean

@@ -1,9 +1,12 @@
 """The rewrite layer: the Pass record, its report, and the checked pipeline runner.
 
-A pass is one module exposing ``PASS = Pass(...)``. Its ``apply(model, ctx, **params)``
-edits an ``onnx_ir.Model`` in place and returns a ``PassReport``: counts per rule of what
-changed and, for every candidate it left alone, the node name and the reason. A pass that
-cannot apply at all raises ``PassRefused``.
+A pass is one module exposing ``PASS = Pass(...)``. Its ``apply(model, ctx, *, ...)``
+edits an ``onnx_ir.Model`` in place and returns ``ctx.report``, a ``PassReport``: counts per
+rule of what changed and, for every candidate it left alone, the node name and the reason (a
+matcher that gives up says why). A pass that cannot apply at all raises ``PassRefused``; the
+candidates it skipped before that stay in the ledger with the refusal. The pass's parameters
+are ``apply``'s keyword-only arguments: their annotations (bool, int, float or str) type the
+CLI's strings, their defaults are the defaults; nothing repeats them.
 
 ``run_pipeline`` runs a plain list of passes. After each pass it checks the new graph
 against the previous one in onnxruntime on seeded inputs (and the user's calibration
@@ -15,7 +18,9 @@ run, kept or not, becomes one ledger entry.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import time
+import typing
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -75,45 +80,76 @@ class PassReport:
 
 @dataclass
 class PassContext:
-    """What a pass may look at besides the graph: the samples the check will use."""
+    """What a pass may look at besides the graph: the samples the check will use; and the
+    report it writes into (and returns), so what it skipped survives a later refusal."""
 
     samples: list[dict[str, np.ndarray]]
+    report: PassReport = field(default_factory=PassReport)
+
+
+PARAM_TYPES = (bool, int, float, str)
 
 
 @dataclass(frozen=True)
 class Pass:
-    """A rewrite: its name, one-line summary, exactness, defaults and entry point."""
+    """A rewrite: its name, one-line summary, exactness and entry point.
+
+    ``apply(model, ctx, *, name: type = default, ...)``: every parameter after ``model`` and
+    ``ctx`` is keyword-only, annotated with one of ``PARAM_TYPES`` and has a default.
+    """
 
     name: str
     summary: str
     exact: bool
     apply: Callable[..., PassReport]
-    params: Mapping[str, Any] = field(default_factory=dict)
     budget: float = EXACT_RTOL  # max norm-wise relative error its check allows
 
+    def __post_init__(self) -> None:
+        self.param_types()  # a malformed signature fails where the pass is defined
+
+    def param_types(self) -> dict[str, type]:
+        """Each parameter's type, from ``apply``'s annotations."""
+        hints = typing.get_type_hints(self.apply)
+        types = {}
+        for i, (key, p) in enumerate(inspect.signature(self.apply).parameters.items()):
+            if i < 2 and p.kind is p.POSITIONAL_OR_KEYWORD:
+                continue  # model, ctx
+            kind = hints.get(key)
+            if (p.kind is not p.KEYWORD_ONLY or kind not in PARAM_TYPES
+                    or type(p.default) is not kind):
+                raise TypeError(f"pass {self.name!r}: apply's parameter {key!r} must be "
+                                "keyword-only, typed bool/int/float/str, with a default of "
+                                "that type")
+            types[key] = kind
+        return types
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """Parameter defaults, in ``apply``'s order."""
+        sig = inspect.signature(self.apply).parameters
+        return {key: sig[key].default for key in self.param_types()}
+
     def parse_params(self, given: Mapping[str, str]) -> dict[str, Any]:
-        """Defaults overridden by ``given`` strings, converted to each default's type."""
-        unknown = set(given) - set(self.params)
+        """Defaults overridden by ``given`` strings, converted to each parameter's type."""
+        out, types = self.params, self.param_types()
+        unknown = set(given) - set(out)
         if unknown:
-            known = ", ".join(self.params) or "none"
+            known = ", ".join(out) or "none"
             raise EdgekitError(
                 f"pass {self.name!r} has no parameter {sorted(unknown)[0]!r} (parameters: {known})")
-        out = dict(self.params)
         for key, text in given.items():
-            default = self.params[key]
+            kind = types[key]
             try:
-                if isinstance(default, bool):
+                if kind is bool:
                     if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
                         raise ValueError(text)
                     out[key] = text.lower() in ("1", "true", "yes")
-                elif isinstance(default, (int, float)):
-                    out[key] = type(default)(text)
                 else:
-                    out[key] = text
+                    out[key] = kind(text)
             except ValueError:
                 raise EdgekitError(
                     f"pass {self.name!r}: parameter {key}={text!r} is not a "
-                    f"{type(default).__name__}") from None
+                    f"{kind.__name__}") from None
         return out
 
 
@@ -258,10 +294,11 @@ def _run_pass(
     with contextlib.suppress(Exception):
         ShapeInferencePass()(work)
     before_ops = op_counts(model)
+    ctx = PassContext(samples)
     try:
-        report = p.apply(work, PassContext(samples), **params)
+        report = p.apply(work, ctx, **params)
     except PassRefused as refusal:
-        report = PassReport()
+        report = PassReport(skipped=list(ctx.report.skipped))  # its changes are gone
         report.skip(refusal.node or "(model)", refusal.reason)
         run = PassRun(p.name, dict(params), p.exact, "refused", report, before_ops, before_ops,
                       seconds=time.perf_counter() - start, message=refusal.reason)

@@ -21,24 +21,24 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from edgekit.passes._bn_utils import ChannelAffine, Names, bn_scale_shift, fold_affine
+from edgekit.passes._bn_utils import ChannelAffine, bn_scale_shift, fold_affine
+from edgekit.passes._ir import Builder
 from edgekit.passes.core import Pass, PassContext, PassRefused, PassReport
 
 
-def apply(model: ir.Model, ctx: PassContext, decompose: bool = True) -> PassReport:
-    del ctx  # the rewrite is exact: it needs no samples
-    graph, report = model.graph, PassReport()
+def apply(model: ir.Model, ctx: PassContext, *, decompose: bool = True) -> PassReport:
+    graph, report = model.graph, ctx.report  # exact: the samples are not needed
     bns = [n for n in graph if n.op_type == "BatchNormalization"]
     if not bns:
         raise PassRefused("the model has no BatchNormalization node")
-    names = Names(graph)
+    builder = Builder(graph)
     for bn in bns:
         params = bn_scale_shift(bn)
         if isinstance(params, str):
             report.skip(bn.name, params)
             continue
         aff = ChannelAffine(bn.name, bn.inputs[0], bn.outputs[0], 1, *params, [bn])
-        fold_affine(graph, names, aff, report, decompose)
+        fold_affine(builder, aff, report, decompose)
     return report
 
 
@@ -47,5 +47,4 @@ PASS = Pass(
     summary="fold inference BatchNormalization into the adjacent Conv/Gemm/MatMul (else Mul+Add)",
     exact=True,
     apply=apply,
-    params={"decompose": True},
 )

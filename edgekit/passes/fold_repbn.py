@@ -33,13 +33,12 @@ import onnx_ir as ir
 
 from edgekit.passes._bn_utils import (
     ChannelAffine,
-    Names,
     bn_scale_shift,
     fold_affine,
     other_user,
 )
 from edgekit.passes._channel_axis import channel_vector
-from edgekit.passes._ir import const_array
+from edgekit.passes._ir import Builder, const_array
 from edgekit.passes.core import Pass, PassContext, PassRefused, PassReport
 
 
@@ -121,9 +120,8 @@ def match_repbn(add: ir.Node) -> ChannelAffine | str | None:
     return None
 
 
-def apply(model: ir.Model, ctx: PassContext, decompose: bool = True) -> PassReport:
-    del ctx  # the rewrite is exact: it needs no samples
-    graph, report = model.graph, PassReport()
+def apply(model: ir.Model, ctx: PassContext, *, decompose: bool = True) -> PassReport:
+    graph, report = model.graph, ctx.report  # exact: the samples are not needed
     found = []
     for add in [n for n in graph if n.op_type == "Add"]:
         match = match_repbn(add)
@@ -134,11 +132,11 @@ def apply(model: ir.Model, ctx: PassContext, decompose: bool = True) -> PassRepo
     if not found and not report.skipped:
         raise PassRefused("no RepBN (BatchNormalization(x) + alpha*x over the same x) found")
     report.details["repbn"] = len(found)
-    names = Names(graph)
+    builder = Builder(graph)
     for add in found:
         aff = match_repbn(add)  # again: folding the RepBN before it may have rewired its input
         if isinstance(aff, ChannelAffine):
-            fold_affine(graph, names, aff, report, decompose)
+            fold_affine(builder, aff, report, decompose)
     return report
 
 
@@ -147,5 +145,4 @@ PASS = Pass(
     summary="fold SLAB RepBN (BN(x) + alpha*x) into the adjacent Conv/Linear (else Mul+Add)",
     exact=True,
     apply=apply,
-    params={"decompose": True},
 )

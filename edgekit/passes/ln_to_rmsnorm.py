@@ -7,7 +7,8 @@ Two identities: ``LN(x) = LN(x − mean(x))`` (LN ignores the per-token mean), a
    (``_residual.trace_stream``: embedding tables, positional / cls constants, biases, MatMul /
    Gemm / Conv weights).
    A per-channel scale on a branch (LayerScale, ``(x·W + c) ⊙ s`` before the residual Add) is
-   folded into its writer first: ``W·diag(s)``, ``c ⊙ s``.
+   folded into its writer first: ``W·diag(s)``, ``c ⊙ s`` (one that cannot be is skipped, with
+   the reason).
 2. Recentre every writer over the normalized (channel) axis: constants ``c − mean(c)``, linear
    writers ``W − W.mean(output axis)`` (``x @ W`` layout: the last axis; Conv: output channels).
    The stream is then zero-mean per token and, by the first identity, no LN output changes.
@@ -38,8 +39,8 @@ import onnx_ir as ir
 
 from edgekit.passes import _ir
 from edgekit.passes import _residual as rs
+from edgekit.passes._norm_affine import fold_into, layer_norm_affine, linear_readers
 from edgekit.passes.core import Pass, PassContext, PassRefused, PassReport
-from edgekit.passes.fold_ln_affine import fold_into, layer_norm_affine, linear_readers
 
 DECOMPOSED = "Pow, ReduceMean, Add, Sqrt, Div"
 
@@ -61,88 +62,101 @@ def recentre(b: _ir.Builder, stream: rs.Stream) -> list[str]:
     return untied
 
 
-def fold_layer_scales(b: _ir.Builder, graph: ir.Graph) -> list[str]:
+def fold_layer_scales(b: _ir.Builder, graph: ir.Graph, report: PassReport) -> list[str]:
     """LayerScale ``(x·W + c) ⊙ s`` feeding an Add becomes ``x·(W·diag(s)) + c ⊙ s`` (exact).
 
-    Recipe step 2: a per-channel scale on a branch would otherwise hide its writer.
+    Recipe step 2: a per-channel scale on a branch would otherwise hide its writer. A
+    per-channel Mul feeding an Add that cannot be folded is skipped, with the reason.
     """
     folded = []
     for mul in [n for n in graph if n.op_type == "Mul" and n.domain == ""]:
         if not any(u.node.op_type == "Add" for u in mul.outputs[0].uses()):
             continue
-        for i in (0, 1):
-            scale, (node, bias) = _ir.const_array(mul.inputs[1 - i]), _linear(mul.inputs[i])
-            if node is None or scale is None or not 1 < scale.size == scale.shape[-1]:
-                continue  # scalars need no fold: they keep the stream's mean zero
-            s = scale.reshape(-1).astype(np.float64)
+        i = next((i for i in (0, 1) if _per_channel(_ir.const_array(mul.inputs[1 - i]))), None)
+        if i is None:
+            continue  # scalars need no fold: they keep the stream's mean zero
+        s = _ir.const_array(mul.inputs[1 - i]).reshape(-1).astype(np.float64)
+        linear = _linear(mul.inputs[i])
+        if not isinstance(linear, str):
+            node, bias = linear
             w = _ir.const_array(node.inputs[1])
             axis = 0 if node.op_type == "Gemm" and _ir.attr(node, "transB", 0) else w.ndim - 1
             if w.shape[axis] != s.size:
-                continue
-            shape = [-1 if a == axis else 1 for a in range(w.ndim)]
-            b.set_const(node, 1, (w * s.reshape(shape)).astype(w.dtype))
-            if bias is not None:
-                c = _ir.const_array(bias[0].inputs[bias[1]])
-                b.set_const(*bias, (c * s).astype(c.dtype))
-            b.redirect(mul.outputs[0], mul.inputs[i])
-            graph.remove(mul, safe=True)
-            folded.append(mul.name)
-            break
+                linear = (f"its {s.size} channels are not the {w.shape[axis]} outputs of "
+                          f"{node.name!r}")
+        if isinstance(linear, str):
+            report.skip(mul.name, f"per-channel scale not folded into its writer: {linear}")
+            continue
+        shape = [-1 if a == axis else 1 for a in range(w.ndim)]
+        b.set_const(node, 1, (w * s.reshape(shape)).astype(w.dtype))
+        if bias is not None:
+            c = _ir.const_array(bias[0].inputs[bias[1]])
+            b.set_const(*bias, (c * s).astype(c.dtype))
+        b.redirect(mul.outputs[0], mul.inputs[i])
+        graph.remove(mul, safe=True)
+        folded.append(mul.name)
     return folded
 
 
-def _linear(y: ir.Value) -> tuple[ir.Node | None, tuple[ir.Node, int] | None]:
-    """``y`` = MatMul / Gemm with a constant weight (+ a constant bias), used only once."""
+def _per_channel(scale: np.ndarray | None) -> bool:
+    return scale is not None and 1 < scale.size == scale.shape[-1]
+
+
+def _linear(y: ir.Value) -> tuple[ir.Node, tuple[ir.Node, int] | None] | str:
+    """``y`` = MatMul / Gemm with a constant weight (+ a constant bias), used only once; else
+    why not."""
     node, bias = y.producer(), None
-    if len(y.uses()) != 1 or node is None:
-        return None, None
+    if len(y.uses()) != 1:
+        return f"{y.name!r} is also read by another node"
+    if node is None:
+        return f"{y.name!r} is not computed by a node"
     if node.op_type == "Add":
         i = next((i for i in (0, 1) if _ir.const_array(node.inputs[i]) is not None), None)
         inner = node.inputs[1 - i] if i is not None else None
-        if inner is None or len(inner.uses()) != 1 or inner.producer() is None:
-            return None, None
+        if inner is None:
+            return f"Add {node.name!r} adds no constant bias"
+        if len(inner.uses()) != 1 or inner.producer() is None:
+            return f"{inner.name!r} is not a layer output read only by the bias Add"
         node, bias = inner.producer(), (node, i)
     if node.op_type == "Gemm" and _ir.index_of(node, 2):
-        bias = None if bias else (node, 2)  # Gemm(+C) followed by another bias: not folded
-        if bias is None or _ir.const_array(node.inputs[2]) is None:
-            return None, None
+        if bias:
+            return f"Gemm {node.name!r} has a bias C and another bias Add after it"
+        bias = (node, 2)
+        if _ir.const_array(node.inputs[2]) is None:
+            return f"the bias C of Gemm {node.name!r} is not a constant"
     if node.op_type not in ("MatMul", "Gemm") or _ir.const_array(node.inputs[1]) is None:
-        return None, None
+        return f"{node.op_type} {node.name!r} is not a MatMul/Gemm with a constant weight"
     return node, bias
 
 
 def emit_rms(b: _ir.Builder, at: ir.Node, x: ir.Value, eps: float, gamma: np.ndarray | None,
-             beta: np.ndarray | None, opset: int, fused: bool, stash: int = 1) -> ir.Value:
+             beta: np.ndarray | None, fused: bool, stash: int = 1) -> ir.Value:
     """``RMSNorm(x)·γ + β`` over the last axis, inserted before ``at``; γ/β may be None."""
     dtype = (gamma if gamma is not None else _ir.const_array(at.inputs[1])).dtype
     hint, shape = at.name, x.shape
-    if fused and opset >= 23:
+    b = b.at(at, like=x)
+    if fused and b.opset >= 23:
         scale = b.const(gamma if gamma is not None else np.ones(x.shape[-1], dtype),
                         f"{hint}_scale")
         stash = 11 if dtype == np.float64 else stash  # stash 1 would compute fp64 in fp32
         y = b.op("RMSNormalization", [x, scale], {"axis": -1, "epsilon": eps,
-                                                  "stash_type": stash},
-                 at=at, hint=hint, like=x, shape=shape)
+                                                  "stash_type": stash}, shape=shape)
     else:
-        square = b.op("Pow", [x, b.scalar(2, dtype, "two")], at=at, hint=hint, like=x,
-                      shape=shape)
-        mean = b.reduce("ReduceMean", square, opset, at=at, hint=hint,
+        square = b.op("Pow", [x, b.scalar(2, dtype, "two")], shape=shape)
+        mean = b.reduce("ReduceMean", square, -1,
                         shape=[*shape[:-1], 1] if shape is not None else None)
-        mean = b.op("Add", [mean, b.scalar(eps, dtype, "eps")], at=at, hint=hint, like=x,
-                    shape=mean.shape)
-        rms = b.op("Sqrt", [mean], at=at, hint=hint, like=x, shape=mean.shape)
-        y = b.op("Div", [x, rms], at=at, hint=hint, like=x, shape=shape)
+        mean = b.op("Add", [mean, b.scalar(eps, dtype, "eps")], shape=mean.shape)
+        rms = b.op("Sqrt", [mean], shape=mean.shape)
+        y = b.op("Div", [x, rms], shape=shape)
         if gamma is not None and not np.all(gamma == 1):
-            y = b.op("Mul", [y, b.const(gamma, f"{hint}_scale")], at=at, hint=hint, like=x,
-                     shape=shape)
+            y = b.op("Mul", [y, b.const(gamma, f"{hint}_scale")], shape=shape)
     if beta is not None and np.any(beta):
-        y = b.op("Add", [y, b.const(beta, f"{hint}_bias")], at=at, hint=hint, like=x,
-                 shape=shape)
+        y = b.op("Add", [y, b.const(beta, f"{hint}_bias")], shape=shape)
     return y
 
 
-def apply(model: ir.Model, ctx: PassContext, fused: bool = True) -> PassReport:
-    report = PassReport()
+def apply(model: ir.Model, ctx: PassContext, *, fused: bool = True) -> PassReport:
+    report = ctx.report
     _ir.ensure_shapes(model)
     graph = model.graph
     lns = [n for n in graph if n.op_type == "LayerNormalization" and n.domain in ("", "ai.onnx")]
@@ -155,7 +169,7 @@ def apply(model: ir.Model, ctx: PassContext, fused: bool = True) -> PassReport:
             raise PassRefused(f"LayerNormalization {ln.name!r}: {why}", ln.name)
         affine[ln] = (gamma, beta)
     b = _ir.Builder(graph)
-    layer_scales = fold_layer_scales(b, graph)
+    layer_scales = fold_layer_scales(b, graph, report)
     if layer_scales:
         report.change("fold-layer-scale", len(layer_scales))
     stream = rs.trace_stream([(ln.inputs[0], affine[ln][0].size) for ln in lns], set(lns),
@@ -178,8 +192,8 @@ def apply(model: ir.Model, ctx: PassContext, fused: bool = True) -> PassReport:
             fold_into(b, readers, gamma, beta)  # new constants: shared weights get untied
             report.change("fold-ln-affine")
             gamma = beta = None
-        y = emit_rms(b, ln, ln.inputs[0], _ir.attr(ln, "epsilon", 1e-5), gamma, beta, opset,
-                     fused, _ir.attr(ln, "stash_type", 1))
+        y = emit_rms(b, ln, ln.inputs[0], _ir.attr(ln, "epsilon", 1e-5), gamma, beta, fused,
+                     _ir.attr(ln, "stash_type", 1))
         b.redirect(ln.outputs[0], y)
         graph.remove(ln, safe=True)
         report.change("ln-to-rmsnorm")
@@ -199,5 +213,4 @@ PASS = Pass(
     summary="Pre-LN -> Pre-RMSNorm: recentre residual writers, fold LN affine (exact)",
     exact=True,
     apply=apply,
-    params={"fused": True},
 )

@@ -27,15 +27,13 @@ import numpy as np
 import onnx_ir as ir
 
 from edgekit.passes._bn_utils import (
-    Names,
     bn_scale_shift,
-    new_const,
     other_user,
     remove_dead,
     replace_value,
 )
 from edgekit.passes._channel_axis import channel_vector
-from edgekit.passes._ir import const_array
+from edgekit.passes._ir import Builder, const_array
 from edgekit.passes.core import Pass, PassContext, PassRefused, PassReport
 
 
@@ -115,7 +113,7 @@ def _conv_geometry(conv: ir.Node, kernel: np.ndarray) -> tuple | str:
     return tuple(attrs.get_ints("strides", [1] * len(k))), attrs.get_int("group", 1)
 
 
-def _merge(graph: ir.Graph, names: Names, root: ir.Node) -> int | str | None:
+def _merge(builder: Builder, root: ir.Node) -> int | str | None:
     """Merge the sum at ``root``: branches merged, why not, or None (not a candidate)."""
     rank = len(root.outputs[0].shape) if root.outputs[0].shape is not None else -1
     values, adds = _tree(root)
@@ -154,17 +152,14 @@ def _merge(graph: ir.Graph, names: Names, root: ir.Node) -> int | str | None:
         bias += np.broadcast_to(t.bias, cout)
     big = max(convs, key=lambda c: c.kernel.size).conv
     dtype = const_array(big.inputs[1]).dtype
-    w = new_const(graph, names, f"{big.inputs[1].name}_merged", kernel.astype(dtype))
-    b = new_const(graph, names, f"{big.name}_bias_merged", bias.astype(dtype))
+    w = builder.const(kernel.astype(dtype), f"{big.inputs[1].name}_merged")
+    b = builder.const(bias.astype(dtype), f"{big.name}_bias_merged")
     attrs = {"kernel_shape": list(size), "pads": [k // 2 for k in size] * 2,
              "strides": list(strides), "group": group}
-    conv = ir.node("Conv", [x, w, b], attrs, name=names.fresh(f"{big.name}_merged"))
-    out = conv.outputs[0]
-    out.name, out.type, out.shape = names.fresh(f"{root.outputs[0].name}_merged"), \
-        root.outputs[0].type, root.outputs[0].shape
-    graph.insert_before(root, conv)
-    replace_value(names, root.outputs[0], conv.outputs[0])
-    remove_dead(graph, adds + [n for t in terms for n in t.nodes])
+    out = builder.op("Conv", [x, w, b], attrs, at=root, hint=f"{big.name}_merged",
+                     like=root.outputs[0], shape=root.outputs[0].shape)
+    replace_value(builder, root.outputs[0], out)
+    remove_dead(builder.graph, adds + [n for t in terms for n in t.nodes])
     return sum(t.src is not None for t in terms)
 
 
@@ -175,14 +170,14 @@ def _is_inner(add: ir.Node) -> bool:
         and next(iter(readers)).op_type == "Add"
 
 
-def _visit(graph: ir.Graph, names: Names, add: ir.Node, report: PassReport) -> tuple[bool, bool]:
+def _visit(builder: Builder, add: ir.Node, report: PassReport) -> tuple[bool, bool]:
     """Merge the sum at ``add``, else the sums nested in it: (merged, was a candidate)."""
-    result = _merge(graph, names, add)
+    result = _merge(builder, add)
     if isinstance(result, int):
         report.change(f"merge-{result}-branches")
         return True, True
     inner, mark = _tree(add)[1][1:], len(report.skipped)
-    nested = [_visit(graph, names, v.producer(), report) for v in add.inputs
+    nested = [_visit(builder, v.producer(), report) for v in add.inputs
               if v.producer() in inner]
     merged = any(m for m, _ in nested)
     if isinstance(result, str) and not merged:  # say it once, at the outermost sum
@@ -192,10 +187,9 @@ def _visit(graph: ir.Graph, names: Names, add: ir.Node, report: PassReport) -> t
 
 
 def apply(model: ir.Model, ctx: PassContext) -> PassReport:
-    del ctx  # the rewrite is exact: it needs no samples
-    graph, report, names = model.graph, PassReport(), Names(model.graph)
+    graph, report, builder = model.graph, ctx.report, Builder(model.graph)  # exact: no samples
     roots = [n for n in graph if n.op_type == "Add" and not _is_inner(n)]
-    if not any([_visit(graph, names, add, report)[1] for add in roots if add.graph is graph]):
+    if not any([_visit(builder, add, report)[1] for add in roots if add.graph is graph]):
         raise PassRefused("no Add sums parallel conv branches that read the same input")
     return report
 

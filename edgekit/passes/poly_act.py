@@ -18,9 +18,9 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1 / (1 + np.exp(-x))
 
 
-def apply(model: ir.Model, ctx: PassContext, degree: int = -1, tol: float = 1e-3
+def apply(model: ir.Model, ctx: PassContext, *, degree: int = -1, tol: float = 1e-3
           ) -> PassReport:
-    report = PassReport()
+    report = ctx.report
     replace_unary(model, ctx, {"Tanh": np.tanh, "Sigmoid": sigmoid}, degree, tol, report,
                   "poly-act")
     return report
@@ -32,6 +32,5 @@ PASS = Pass(
             "(HE-friendly)",
     exact=False,
     apply=apply,
-    params={"degree": -1, "tol": 1e-3},
     budget=0.02,
 )

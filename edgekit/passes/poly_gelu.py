@@ -31,9 +31,9 @@ def gelu_tanh(x: np.ndarray) -> np.ndarray:
     return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
 
 
-def apply(model: ir.Model, ctx: PassContext, degree: int = -1, tol: float = 1e-3
+def apply(model: ir.Model, ctx: PassContext, *, degree: int = -1, tol: float = 1e-3
           ) -> PassReport:
-    report = PassReport()
+    report = ctx.report
     replace_unary(model, ctx, {"Gelu": gelu, "GeluTanh": gelu_tanh, "Erf": _erf}, degree, tol,
                   report, "poly-gelu")
     return report
@@ -44,6 +44,5 @@ PASS = Pass(
     summary="GELU / Erf by a Chebyshev polynomial on the calibrated input range (HE-friendly)",
     exact=False,
     apply=apply,
-    params={"degree": -1, "tol": 1e-3},
     budget=0.1,
 )

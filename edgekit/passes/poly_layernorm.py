@@ -15,13 +15,13 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from edgekit.passes._ir import Builder, attr, const_array, dims, ensure_shapes, index_of
-from edgekit.passes._poly import Emitter, capture, describe, newton
+from edgekit.passes._poly import capture, describe, newton, write_newton
 from edgekit.passes.core import Pass, PassContext, PassReport
 
 
-def apply(model: ir.Model, ctx: PassContext, iters: int = -1, tol: float = 1e-4,
+def apply(model: ir.Model, ctx: PassContext, *, iters: int = -1, tol: float = 1e-4,
           margin: float = 2.0) -> PassReport:
-    report = PassReport()
+    report = ctx.report
     ensure_shapes(model)
     nodes = [n for n in model.graph
              if n.op_type == "LayerNormalization" and n.domain in ("", "ai.onnx")]
@@ -54,12 +54,12 @@ def apply(model: ir.Model, ctx: PassContext, iters: int = -1, tol: float = 1e-4,
 
 def _emit(b: Builder, node: ir.Node, axes: list[int], eps: float, r) -> None:
     x, out = node.inputs[0], node.outputs[0]
-    e = Emitter(b, node, x, node.name)
-    d = e.sub(x, e.reduce("ReduceMean", x, axes))
-    v = e.add(e.reduce("ReduceMean", e.mul(d, d), axes), e.c(eps))
-    y = e.mul(e.mul(d, e.newton(v, r)), node.inputs[1])
+    b = b.at(node, like=x)
+    d = b.op("Sub", [x, b.reduce("ReduceMean", x, axes)])
+    v = b.op("Add", [b.reduce("ReduceMean", b.op("Mul", [d, d]), axes), b.scalar(eps)])
+    y = b.op("Mul", [b.op("Mul", [d, write_newton(b, v, r)]), node.inputs[1]])
     if index_of(node, 2):
-        y = e.add(y, node.inputs[2])
+        y = b.op("Add", [y, node.inputs[2]])
     b.redirect(out, y)
 
 
@@ -68,6 +68,5 @@ PASS = Pass(
     summary="LayerNorm with 1/sqrt(var+eps) by calibrated Newton iterations (HE-friendly)",
     exact=False,
     apply=apply,
-    params={"iters": -1, "tol": 1e-4, "margin": 2.0},
     budget=0.02,
 )

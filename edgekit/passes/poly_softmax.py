@@ -36,7 +36,16 @@ import numpy as np
 import onnx_ir as ir
 
 from edgekit.passes._ir import Builder, attr, dims, ensure_shapes
-from edgekit.passes._poly import Cheb, Emitter, Newton, capture, newton, span
+from edgekit.passes._poly import (
+    Cheb,
+    Newton,
+    capture,
+    newton,
+    row_length,
+    span,
+    write_cheb,
+    write_newton,
+)
 from edgekit.passes.core import Pass, PassContext, PassReport
 
 MAX_SPAN = 1e3  # wider calibrated logit ranges mean an additive mask: not a polynomial's job
@@ -133,9 +142,9 @@ def _recip(means: list[np.ndarray], tol: float, iters: int, bound: float = 0.0) 
     return newton("recip", lo / 2, max(hi * 3, bound), tol, iters)
 
 
-def apply(model: ir.Model, ctx: PassContext, degree: int = -1, steps: int = -1,
+def apply(model: ir.Model, ctx: PassContext, *, degree: int = -1, steps: int = -1,
           iters: int = -1, tol: float = 2e-3) -> PassReport:
-    report = PassReport()
+    report = ctx.report
     ensure_shapes(model)
     nodes = [n for n in model.graph if n.op_type == "Softmax" and n.domain in ("", "ai.onnx")]
     inputs = capture(model, [n.inputs[0] for n in nodes], ctx.samples)
@@ -184,38 +193,23 @@ def _emit(b: Builder, node: ir.Node, axis: int, d: Design) -> bool:
     free where the mean and the /L each cost a multiplicative level.
     """
     x, out = node.inputs[0], node.outputs[0]
-    e = Emitter(b, node, x, node.name)
-    centred = e.sub(x, e.reduce("ReduceMean", x, axis))
-    q = e.cheb(centred, d.exp)
+    b = b.at(node, like=x)
+    centred = b.op("Sub", [x, b.reduce("ReduceMean", x, axis)])
+    q = write_cheb(b, centred, d.exp)
     for n in d.steps:
-        s = e.mul(q, q)
-        q = e.mul(s, e.newton(e.reduce("ReduceMean", s, axis), n))
+        s = b.op("Mul", [q, q])
+        q = b.op("Mul", [s, write_newton(b, b.reduce("ReduceMean", s, axis), n)])
     n_row = dims(x)[axis]
     if isinstance(n_row, int):
         f = d.final
         scaled = Newton(f.kind, f.lo * n_row, f.hi * n_row, f.iters, f.a / n_row,
                         f.b / n_row**2)
-        result = e.mul(q, e.newton(e.reduce("ReduceSum", q, axis), scaled))
-        b.redirect(out, result)
+        b.redirect(out, b.op("Mul", [q, write_newton(b, b.reduce("ReduceSum", q, axis),
+                                                      scaled)]))
         return True
-    q = e.mul(q, e.newton(e.reduce("ReduceMean", q, axis), d.final))
-    length = _row_length(e, x, axis)
-    result = b.op("Div", [q, length], at=node, hint=node.name, like=out, shape=out.shape)
-    b.redirect(out, result)
+    q = b.op("Mul", [q, write_newton(b, b.reduce("ReduceMean", q, axis), d.final)])
+    b.redirect(out, b.op("Div", [q, row_length(b, x, axis)], like=out, shape=out.shape))
     return False
-
-
-def _row_length(e: Emitter, x: ir.Value, axis: int) -> ir.Value:
-    """L as a scalar constant when static, else computed from the shape (plaintext)."""
-    n = dims(x)[axis]
-    if isinstance(n, int):
-        return e.c(float(n))
-    shape = e.b.op("Shape", [x], {"start": axis, "end": axis + 1}, at=e.at, hint=e.hint)
-    shape.type = ir.TensorType(ir.DataType.INT64)
-    cast = e.b.op("Cast", [shape], {"to": ir.DataType.from_numpy(e.dtype)}, at=e.at,
-                  hint=e.hint, like=x)
-    cast.shape = ir.Shape([1])
-    return cast
 
 
 PASS = Pass(
@@ -224,6 +218,5 @@ PASS = Pass(
             "reciprocals (HE-friendly)",
     exact=False,
     apply=apply,
-    params={"degree": -1, "steps": -1, "iters": -1, "tol": 2e-3},
     budget=0.05,
 )

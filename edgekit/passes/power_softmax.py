@@ -17,9 +17,8 @@ import numpy as np
 import onnx_ir as ir
 
 from edgekit.passes._ir import Builder, attr, const_array, dims, ensure_shapes
-from edgekit.passes._poly import Emitter, capture, describe, newton
+from edgekit.passes._poly import capture, describe, newton, row_length, write_newton
 from edgekit.passes.core import Pass, PassContext, PassReport
-from edgekit.passes.poly_softmax import _row_length
 
 
 def _match(node: ir.Node) -> tuple[ir.Value, int] | str:
@@ -39,9 +38,9 @@ def _match(node: ir.Node) -> tuple[ir.Value, int] | str:
     return "its input is not p·log|x| with a constant p"
 
 
-def apply(model: ir.Model, ctx: PassContext, iters: int = -1, tol: float = 1e-4,
+def apply(model: ir.Model, ctx: PassContext, *, iters: int = -1, tol: float = 1e-4,
           margin: float = 2.0) -> PassReport:
-    report = PassReport()
+    report = ctx.report
     ensure_shapes(model)
     found = []
     for node in [n for n in model.graph if n.op_type == "Softmax"]:
@@ -61,18 +60,16 @@ def apply(model: ir.Model, ctx: PassContext, iters: int = -1, tol: float = 1e-4,
             report.skip(node.name, "a calibration row is all zeros (mean of x^p is 0)")
             continue
         r = newton("recip", raw[0] / margin, raw[1] * margin, tol, iters)
-        e = Emitter(b, node, x, node.name)
+        at = b.at(node, like=x)
         u, base, k = None, x, p
         while k:
             if k & 1:
-                u = base if u is None else e.mul(u, base)
+                u = base if u is None else at.op("Mul", [u, base])
             k >>= 1
-            base = e.mul(base, base) if k else base
-        y = e.mul(u, e.newton(e.reduce("ReduceMean", u, axis), r))
+            base = at.op("Mul", [base, base]) if k else base
+        y = at.op("Mul", [u, write_newton(at, at.reduce("ReduceMean", u, axis), r)])
         out = node.outputs[0]
-        result = b.op("Div", [y, _row_length(e, x, axis)], at=node, hint=node.name, like=out,
-                      shape=out.shape)
-        b.redirect(out, result)
+        b.redirect(out, at.op("Div", [y, row_length(at, x, axis)], like=out, shape=out.shape))
         replaced[node.name] = {"power": p, "reciprocal": describe(r, raw),
                                "reciprocal_rel_error": r.rel_error(),
                                "depth": int(np.ceil(np.log2(p))) + 1 + r.depth + 2}
@@ -87,6 +84,5 @@ PASS = Pass(
             "(HE-friendly)",
     exact=False,
     apply=apply,
-    params={"iters": -1, "tol": 1e-4, "margin": 2.0},
     budget=1e-3,
 )

@@ -14,7 +14,10 @@ Reshape / Expand / Slice constants that spell N are rewritten to k, and a tensor
 pruned one with N on the same axis (BERT's additive padding mask, a pooling mask) is gathered
 with the same indices, so padding stays masked. Padding tokens receive no attention, hence zero
 importance, and are pruned first. Ops that cannot follow a changing token count (Shape, Split,
-Concat along tokens, graph outputs carrying tokens...) refuse, naming the node.
+Concat along tokens, graph outputs carrying tokens...) refuse, naming the node. A Softmax that
+is not (B, H, N, N) attention, and a layer whose ``keep`` keeps every token, are skipped with
+the reason; a layer whose keys cannot be traced back to Q·Kᵀ compares tokens by the residual
+stream in the S-stage, and its entry in the details says why (``keys_from_stream``).
 
 Schedule: ``keep`` is the fraction of the current tokens each chosen layer keeps; with
 ``flops`` > 0 the pass instead finds (by bisection) the largest uniform ``keep`` whose counted
@@ -37,77 +40,90 @@ graph rather than an accuracy claim; accuracy is measured on real data by
 
 from __future__ import annotations
 
-import onnx
 import onnx_ir as ir
 
 from edgekit import flops
-from edgekit.passes._token_axis import follow_tokens, graph_info
-from edgekit.passes._wpr import Emitter, emit_select
+from edgekit.passes._ir import Builder, const_array, static_shape
+from edgekit.passes._token_axis import follow_tokens, infer_shapes
+from edgekit.passes._wpr import Keys, emit_select
 from edgekit.passes.core import Pass, PassContext, PassRefused, PassReport
 
 BUDGET = 1.0
 METHODS = ("wpr", "colmean", "random")
 
 
-def _attention_softmaxes(info) -> list[onnx.NodeProto]:
+def _attention_softmaxes(graph: ir.Graph, report: PassReport | None) -> list[ir.Node]:
+    """The Softmax nodes whose output is (B, H, N, N); the others are skipped, with why."""
     out = []
-    for node in info.model.graph.node:
-        shape = info.shape(node.output[0]) if node.op_type == "Softmax" else None
+    for node in (n for n in graph if n.op_type == "Softmax"):
+        shape = static_shape(node.outputs[0])
         if shape is not None and len(shape) == 4 and shape[-1] == shape[-2]:
             out.append(node)
+        elif report is not None:
+            report.skip(node.name, "its output has no static shape to show (B, H, N, N)"
+                        if shape is None else
+                        f"not self-attention: its output is {shape}, not (B, H, N, N)")
     return out
 
 
-def _residual_add(info, softmax: onnx.NodeProto) -> onnx.NodeProto | None:
+def _residual_add(softmax: ir.Node) -> ir.Node | None:
     """The first Add after ``softmax`` joining two activations shaped (B, N, D)."""
-    n = info.shape(softmax.output[0])[-1]
-    seen, frontier = set(), [softmax.output[0]]
+    n = static_shape(softmax.outputs[0])[-1]
+    seen, frontier = set(), [softmax.outputs[0]]
     candidates = []
     while frontier:
         value = frontier.pop()
-        for node in info.consumers.get(value, []):
-            if id(node) in seen:
+        for node in (use.node for use in value.uses()):
+            if node in seen:
                 continue
-            seen.add(id(node))
-            shapes = [info.shape(x) for x in node.input]
+            seen.add(node)
+            shapes = [static_shape(x) for x in node.inputs]
             if (node.op_type == "Add" and len(shapes) == 2 and None not in shapes
                     and all(len(s) == 3 and s[1] == n for s in shapes) and shapes[0] == shapes[1]
-                    and not any(info.is_const(x) for x in node.input)):
+                    and not any(const_array(x) is not None for x in node.inputs)):
                 candidates.append(node)
                 continue
-            frontier.extend(node.output)
-    return min(candidates, key=info.position) if candidates else None
+            frontier.extend(node.outputs)
+    if not candidates:
+        return None
+    position = {node: i for i, node in enumerate(softmax.graph)}
+    return min(candidates, key=position.__getitem__)
 
 
-def _keys(info, softmax: onnx.NodeProto):
-    """(value, layout, shape) of the keys feeding ``softmax``'s Q·Kᵀ MatMul, or None."""
-    value = softmax.input[0]
+def _keys(softmax: ir.Node) -> Keys | str:
+    """(value, layout, shape) of the keys feeding ``softmax``'s Q·Kᵀ MatMul, or why not."""
+    value = softmax.inputs[0]
     for _ in range(8):
-        node = info.producer.get(value)
+        node = value.producer()
         if node is None:
-            return None
+            return f"{value.name!r} before the Softmax is not computed by a node"
         if node.op_type == "MatMul":
-            kt = info.shape(node.input[1])
-            return (node.input[1], "bhdn", kt) if kt is not None and len(kt) == 4 else None
+            kt = static_shape(node.inputs[1])
+            if kt is None or len(kt) != 4:
+                return f"the right operand of MatMul {node.name!r} is not a static 4-D Kᵀ"
+            return node.inputs[1], "bhdn", kt
         if node.op_type not in ("Add", "Mul", "Div", "Sub", "Where", "Cast"):
-            return None
-        live = [x for x in node.input if not info.is_const(x) and info.shape(x) is not None
-                and len(info.shape(x)) == 4 and info.shape(x)[-1] == info.shape(value)[-1]]
+            return f"{node.op_type} {node.name!r} stands between the Softmax and Q·Kᵀ"
+        width = static_shape(value)[-1]
+        live = [x for x in node.inputs if const_array(x) is None and
+                (shape := static_shape(x)) is not None and len(shape) == 4 and shape[-1] == width]
         if not live:
-            return None
+            return f"no input of {node.op_type} {node.name!r} carries the attention logits"
         value = live[-1] if node.op_type == "Where" else live[0]
-    return None
+    return "no Q·Kᵀ MatMul within 8 nodes before the Softmax"
 
 
-def prune_model(model: onnx.ModelProto, layers: list[int] | None, keep: float, s_ratio: float,
-                cls: int, iters: int, vmin: float, vmax: float, importance: str,
-                seed: int, eir: bool = True) -> tuple[onnx.ModelProto, list[dict]]:
-    """The pruned copy of ``model`` and, per pruned layer, what was done."""
-    info = graph_info(model)
-    softmaxes = [s.name for s in _attention_softmaxes(info)]
+def prune(model: ir.Model, layers: list[int] | None, keep: float, s_ratio: float, cls: int,
+          iters: int, vmin: float, vmax: float, importance: str, seed: int, eir: bool = True,
+          report: PassReport | None = None) -> list[dict]:
+    """Prune ``model`` in place; per pruned layer, what was done. ``report`` (if given) gets
+    the Softmax nodes and layers left alone, with the reason."""
+    infer_shapes(model)
+    graph = model.graph
+    softmaxes = _attention_softmaxes(graph, report)
     if not softmaxes:
-        unknown = sum(n.op_type == "Softmax" and info.shape(n.output[0]) is None
-                      for n in info.model.graph.node)
+        unknown = sum(n.op_type == "Softmax" and static_shape(n.outputs[0]) is None
+                      for n in graph)
         hint = (f": {unknown} Softmax output(s) have no static shape (Shape/Gather chains from "
                 "the exporter?); run fold-constants before token-prune") if unknown else ""
         raise PassRefused(f"no self-attention Softmax shaped (B, H, N, N) in the model{hint}")
@@ -116,47 +132,36 @@ def prune_model(model: onnx.ModelProto, layers: list[int] | None, keep: float, s
     if bad:
         raise PassRefused(f"layer {bad[0]} does not exist: the model has {len(softmaxes)} "
                           "attention layers")
+    b = Builder(graph)
     done = []
     for layer in sorted(set(chosen)):
-        softmax = next(n for n in info.model.graph.node if n.name == softmaxes[layer])
-        b, h, n, _ = info.shape(softmax.output[0])
-        if _elem_type(info.model, softmax.output[0]) != onnx.TensorProto.FLOAT:
+        softmax = softmaxes[layer]
+        bs, h, n, _ = static_shape(softmax.outputs[0])
+        if softmax.outputs[0].dtype != ir.DataType.FLOAT:
             raise PassRefused("only float32 attention probabilities are supported", softmax.name)
         k = max(cls + 1, min(n, round(keep * n)))
         if k >= n:
+            if report is not None:
+                report.skip(softmax.name, f"layer {layer}: keep={keep:g} keeps all {n} tokens")
             continue
-        add = _residual_add(info, softmax)
+        add = _residual_add(softmax)
         if add is None:
             raise PassRefused("no residual Add of two (B, N, D) activations after the "
                               "attention", softmax.name)
         r = round(s_ratio * (n - k))
-        keys = _keys(info, softmax) if r else None
-        if r and keys is None:
-            keys = (add.output[0], "bnd", info.shape(add.output[0]))
-        e = Emitter(_fresh_prefix(info.model, f"token_prune{layer}"), info.opset)
-        idx = emit_select(e, softmax.output[0], (b, h, n, n), k, r, cls, iters, vmin, vmax,
+        keys = _keys(softmax) if r else None
+        entry = {"layer": layer, "node": softmax.name, "tokens_before": n, "kept": k,
+                 "s_stage": r}
+        if isinstance(keys, str):  # the S-stage compares tokens by their residual stream
+            entry["keys_from_stream"] = keys
+            keys = (add.outputs[0], "bnd", static_shape(add.outputs[0]))
+        at = b.at(add, after=True, hint=f"token_prune{layer}")
+        idx = emit_select(at, softmax.outputs[0], (bs, h, n, n), k, r, cls, iters, vmin, vmax,
                           importance, seed + layer, keys, eir)
-        info = follow_tokens(info, add, e, idx, n, k, b)
-        done.append({"layer": layer, "node": softmax.name, "tokens_before": n, "kept": k,
-                     "s_stage": r, "keys": keys[1] if keys else None})
-    return info.model, done
-
-
-def _elem_type(model: onnx.ModelProto, name: str) -> int | None:
-    g = model.graph
-    return next((vi.type.tensor_type.elem_type for vi in [*g.value_info, *g.output]
-                 if vi.name == name), None)
-
-
-def _fresh_prefix(model: onnx.ModelProto, base: str) -> str:
-    """``base`` or ``base_2``, ... : no name in the graph starts with it (passes may repeat)."""
-    g = model.graph
-    names = {x for n in g.node for x in (*n.output, n.name)} | {i.name for i in g.initializer}
-    prefix, i = base, 1
-    while any(name.startswith(prefix + "/") for name in names):
-        i += 1
-        prefix = f"{base}_{i}"
-    return prefix
+        follow_tokens(at, add, idx, n, k, bs)
+        infer_shapes(model)
+        done.append(entry | {"keys": keys[1] if keys else None})
+    return done
 
 
 def _layers(text: str) -> list[int] | None:
@@ -168,7 +173,7 @@ def _layers(text: str) -> list[int] | None:
         raise PassRefused(f"layers={text!r}: expected space- or '/'-separated integers") from None
 
 
-def apply(model: ir.Model, ctx: PassContext, keep: float = 0.7, flops_target: float = 0.0,
+def apply(model: ir.Model, ctx: PassContext, *, keep: float = 0.7, flops_target: float = 0.0,
           layers: str = "", s_ratio: float = 0.25, cls: int = 1, iters: int = 10,
           vmin: float = 0.01, vmax: float = 1e9, eir: bool = True, importance: str = "wpr",
           seed: int = 0) -> PassReport:
@@ -176,25 +181,25 @@ def apply(model: ir.Model, ctx: PassContext, keep: float = 0.7, flops_target: fl
         raise PassRefused(f"importance={importance!r}: expected one of {', '.join(METHODS)}")
     if not 0.0 < keep <= 1.0 or not 0.0 <= s_ratio <= 1.0 or not 0.0 <= flops_target < 1.0:
         raise PassRefused("keep must be in (0, 1], s_ratio in [0, 1], flops_target in [0, 1)")
-    proto = ir.to_proto(model)
     chosen = _layers(layers)
-    args = (chosen, s_ratio, cls, iters, vmin, vmax, importance, seed, eir)
+    args = (s_ratio, cls, iters, vmin, vmax, importance, seed, eir)
     if flops_target > 0:
-        base = flops.count(proto)
+        base = flops.count(ir.to_proto(model))
         lo, hi = 0.0, 1.0  # keep=lo meets the target (or is the floor), keep=hi does not
         for _ in range(12):
             mid = (lo + hi) / 2
-            pruned, _ = prune_model(proto, chosen, mid, *args[1:])
-            lo, hi = (mid, hi) if 1 - flops.count(pruned) / base >= flops_target else (lo, mid)
+            trial = model.clone()
+            prune(trial, chosen, mid, *args)
+            met = 1 - flops.count(ir.to_proto(trial)) / base >= flops_target
+            lo, hi = (mid, hi) if met else (lo, mid)
         keep = max(lo, 1e-3)
-    new, done = prune_model(proto, chosen, keep, *args[1:])
-    report = PassReport()
+    report = ctx.report
+    done = prune(model, chosen, keep, *args, report=report)
     if not done:
         report.skip("(model)", f"keep={keep:g} keeps every token at the chosen layers")
         return report
     report.change("prune-layer", len(done))
     report.details.update({"keep": round(keep, 4), "importance": importance, "layers": done})
-    model.graph = ir.from_proto(new).graph  # the opset imports live on the graph
     return report
 
 
@@ -203,7 +208,5 @@ PASS = Pass(
     summary="Zero-TPrune: drop unimportant tokens (Weighted PageRank over attention)",
     exact=False,
     apply=apply,
-    params={"keep": 0.7, "flops_target": 0.0, "layers": "", "s_ratio": 0.25, "cls": 1,
-            "iters": 10, "vmin": 0.01, "vmax": 1e9, "eir": True, "importance": "wpr", "seed": 0},
     budget=BUDGET,
 )

@@ -110,6 +110,14 @@ def residual_model(dtype=np.float32, *, norm: str = "ln", blocks: int = 2, head:
     return onnx.shape_inference.infer_shapes(model, strict_mode=True)
 
 
+def as_input(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    """``model`` with initializer ``name`` turned into a graph input (no longer a constant)."""
+    init = next(i for i in model.graph.initializer if i.name == name)
+    model.graph.initializer.remove(init)
+    model.graph.input.append(helper.make_tensor_value_info(name, init.data_type, init.dims))
+    return model
+
+
 def _centred(on: bool, w: np.ndarray) -> np.ndarray:
     return w - w.mean(axis=-1, keepdims=True) if on else w
 
@@ -217,7 +225,7 @@ def naive_rmsnorm(model: onnx.ModelProto) -> onnx.ModelProto:
     """Every LayerNormalization replaced by RMSNorm·γ + β WITHOUT recentring the stream."""
     import onnx_ir as ir
 
-    from edgekit.passes._ir import Builder, attr, const_array, onnx_opset
+    from edgekit.passes._ir import Builder, attr, const_array
     from edgekit.passes.ln_to_rmsnorm import emit_rms
 
     work = ir.from_proto(model)
@@ -225,7 +233,7 @@ def naive_rmsnorm(model: onnx.ModelProto) -> onnx.ModelProto:
     for ln in [n for n in work.graph if n.op_type == "LayerNormalization"]:
         beta = const_array(ln.inputs[2]) if len(ln.inputs) > 2 else None
         y = emit_rms(b, ln, ln.inputs[0], attr(ln, "epsilon", 1e-5), const_array(ln.inputs[1]),
-                     beta, onnx_opset(work), fused=False)
+                     beta, fused=False)
         b.redirect(ln.outputs[0], y)
         work.graph.remove(ln, safe=True)
     return ir.to_proto(work)

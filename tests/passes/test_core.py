@@ -27,7 +27,7 @@ def _matmul_model() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def _scale_weight(model: ir.Model, ctx, factor: float = 1.0) -> PassReport:
+def _scale_weight(model: ir.Model, ctx, *, factor: float = 1.0) -> PassReport:
     report = PassReport()
     w = model.graph.initializers["w"]
     w.const_value = ir.tensor(w.const_value.numpy() * np.float32(factor))
@@ -39,10 +39,9 @@ def _refuse(model: ir.Model, ctx) -> PassReport:
     raise PassRefused("nothing to do here", "mm")
 
 
-SCALE = Pass("scale", "multiply the weight", exact=True, apply=_scale_weight,
-             params={"factor": 1.0})
+SCALE = Pass("scale", "multiply the weight", exact=True, apply=_scale_weight)
 APPROX = Pass("approx-scale", "multiply the weight", exact=False, apply=_scale_weight,
-              params={"factor": 1.0}, budget=0.05)
+              budget=0.05)
 
 
 def samples(model):
@@ -92,6 +91,26 @@ def test_parse_pass_list_and_errors():
         parse_pass_list("scale:factor=big", passes)
     with pytest.raises(EdgekitError, match="expected key=value"):
         parse_pass_list("scale:factor", passes)
+
+
+def test_parameters_and_defaults_come_from_the_signature():
+    assert SCALE.params == {"factor": 1.0} and SCALE.param_types() == {"factor": float}
+    assert available()["token-prune"].parse_params({"eir": "0", "cls": "2"}) | {
+        "keep": 0.7} == available()["token-prune"].params | {"eir": False, "cls": 2}
+    with pytest.raises(EdgekitError, match=r"parameter cls='1\.5' is not a int"):
+        available()["token-prune"].parse_params({"cls": "1.5"})
+
+    def positional(model, ctx, factor: float = 1.0) -> PassReport: ...
+
+    def untyped(model, ctx, *, factor=1.0) -> PassReport: ...
+
+    def mistyped(model, ctx, *, factor: float = 1) -> PassReport: ...
+
+    def no_default(model, ctx, *, factor: float) -> PassReport: ...
+
+    for apply in (positional, untyped, mistyped, no_default):
+        with pytest.raises(TypeError, match="'factor' must be keyword-only, typed"):
+            Pass("bad", "a malformed signature", exact=True, apply=apply)
 
 
 def test_every_registered_pass_is_described():

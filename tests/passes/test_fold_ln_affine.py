@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from _ln_graphs import builtin, builtin_feeds, op_count, rel_error, residual_model, samples
+from _ln_graphs import (
+    as_input,
+    builtin,
+    builtin_feeds,
+    op_count,
+    rel_error,
+    residual_model,
+    samples,
+)
 from onnx import numpy_helper
 
 from edgekit.passes.core import run_pass
@@ -83,6 +91,15 @@ def test_non_linear_reader_and_graph_output_are_skipped():
     _, run = run_pass(residual_model(final_output=True), PASS, {}, samples())
     assert run.report.skipped == [("ln_f", "'ln_f' is a graph output")]
     assert run.report.changed["fold-ln-affine"] == 2
+
+
+def test_reader_without_a_constant_weight_is_skipped_with_the_reason():
+    model = as_input(residual_model(), "head_w")
+    feeds = [s | {"head_w": np.ones((16, 32), np.float32)} for s in samples()]
+    _, run = run_pass(model, PASS, {}, feeds)
+    assert run.status == "applied" and run.report.changed["fold-ln-affine"] == 2
+    assert run.report.skipped == [("ln_f", "the weight of 'head' (MatMul) is not a constant "
+                                           "matrix")]
 
 
 def test_second_run_has_nothing_left_to_fold():

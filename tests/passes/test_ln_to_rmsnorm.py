@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from _ln_graphs import (
+    as_input,
     builtin,
     builtin_feeds,
     hf_model,
@@ -71,6 +72,14 @@ def test_opset23_uses_rmsnormalization(dtype, tol):
     assert stash == {11 if dtype == np.float64 else 1}  # fp64 is not computed in fp32
     new, run = run_pass(model, PASS, {"fused": False}, samples())
     assert op_count(new, "RMSNormalization") == 0 and op_count(new, "ReduceMean") == 3
+
+
+def test_layer_scale_that_cannot_be_folded_says_why():
+    model = as_input(residual_model(layer_scale=True), "w2_1")
+    _, run = run_pass(model, PASS, {}, samples())
+    assert run.status == "refused" and "'scale_1' (Mul) scales the stream" in run.message
+    assert run.report.skipped[0] == ("scale_1", "per-channel scale not folded into its writer: "
+                                     "MatMul 'fc2_1' is not a MatMul/Gemm with a constant weight")
 
 
 def test_gpt2_final_hidden_states_match_torch():

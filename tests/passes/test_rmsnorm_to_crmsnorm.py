@@ -114,6 +114,15 @@ def test_per_channel_scale_on_the_stream_is_refused():
         "'scale_1' (Mul) scales the stream by a non-constant or per-channel factor")
 
 
+def test_norm_that_is_not_recognised_says_why():
+    model = residual_model(norm="pow", centre=True)
+    power = next(i for i in model.graph.initializer if i.name == "ln1.p")
+    power.CopyFrom(numpy_helper.from_array(np.array(-0.25, np.float32), "ln1.p"))
+    _, run = run_pass(model, PASS, {}, samples())
+    assert run.status == "refused" and "without going through an RMSNorm" in run.message
+    assert run.report.skipped[0] == ("ln1.ms", "Pow 'ln1.r' after + eps does not raise to -0.5")
+
+
 def test_model_without_rmsnorm_is_refused():
     _, run = run_pass(residual_model(), PASS, {}, samples())
     assert run.status == "refused" and run.message.startswith("no RMSNorm found")

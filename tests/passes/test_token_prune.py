@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
-from onnx import TensorProto, helper
 
-from edgekit.passes._wpr import Emitter, emit_select
+from edgekit.passes._ir import Builder
+from edgekit.passes._wpr import emit_select
 from edgekit.passes.core import run_pass
-from edgekit.passes.token_prune import PASS, prune_model
+from edgekit.passes.token_prune import PASS, prune
 from edgekit.verify import run_ort
 
 
@@ -49,17 +50,23 @@ def reference(attn, kt, k, r, cls, iters, vmin, vmax, method, eir=True):
 def selection_model(shape, d, k, r, cls, iters, vmin, vmax, method,
                     eir=True) -> onnx.ModelProto:
     b, h, n, _ = shape
-    e = Emitter("sel", 18)
-    idx = emit_select(e, "attn", shape, k, r, cls, iters, vmin, vmax, method, 0,
-                      ("kt", "bhdn", (b, h, d, n)) if r else None, eir)
-    graph = helper.make_graph(
-        e.nodes, "select",
-        [helper.make_tensor_value_info("attn", TensorProto.FLOAT, list(shape)),
-         helper.make_tensor_value_info("kt", TensorProto.FLOAT, [b, h, d, n])],
-        [helper.make_tensor_value_info(idx, TensorProto.INT64, [b, k])], e.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    attn = ir.val("attn", ir.DataType.FLOAT, ir.Shape(shape))
+    kt = ir.val("kt", ir.DataType.FLOAT, ir.Shape([b, h, d, n]))
+    graph = ir.Graph([attn, kt], [], nodes=[], opset_imports={"": 18}, name="select")
+    idx = emit_select(Builder(graph), attn, shape, k, r, cls, iters, vmin, vmax, method, 0,
+                      (kt, "bhdn", (b, h, d, n)) if r else None, eir)
+    idx.dtype, idx.shape = ir.DataType.INT64, ir.Shape([b, k])
+    graph.outputs.append(idx)
+    model = ir.to_proto(ir.Model(graph, ir_version=10))
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+def prune_model(model: onnx.ModelProto, *args) -> tuple[onnx.ModelProto, list[dict]]:
+    """``token_prune.prune`` on a copy of ``model``, without the checks of ``run_pass``."""
+    work = ir.from_proto(model)
+    done = prune(work, *args)
+    return ir.to_proto(work), done
 
 
 def attention_maps(b, h, n, d, seed, sharp=2.0):
@@ -198,8 +205,17 @@ def test_pruning_twice(tiny_vit):
 def test_keep_all_is_unchanged_and_refusals(tiny_vit, add_relu_onnx):
     _, run = run_pass(tiny_vit, PASS, PASS.parse_params({"keep": "1.0"}), [])
     assert run.status == "unchanged"
+    assert "layer 1: keep=1 keeps all 17 tokens" in {r for _, r in run.report.skipped}
     _, run = run_pass(onnx.load(add_relu_onnx), PASS, PASS.parse_params({}), [])
     assert run.status == "refused" and "Softmax" in run.message
+    # a Softmax that is not over (B, H, N, N) attention is named with the reason
+    classifier = onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("Softmax", ["x"], ["y"], name="probs")], "head",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 10])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 10])]))
+    _, run = run_pass(classifier, PASS, PASS.parse_params({}), [])
+    assert run.status == "refused" and run.report.skipped[0] == (
+        "probs", "not self-attention: its output is (1, 10), not (B, H, N, N)")
     _, run = run_pass(tiny_vit, PASS, PASS.parse_params({"layers": "7"}), [])
     assert run.status == "refused" and "layer 7" in run.message
 
