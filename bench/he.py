@@ -85,15 +85,12 @@ def minilm(n_eval: int, n_calib: int, passes: list[str]) -> None:
 
 
 def ckks_mlp() -> None:
-    from edgekit.he import ckks
+    from edgekit import api
     from edgekit.he.models import poly_mlp
-    from edgekit.verify import run_ort
 
-    model = poly_mlp()
     x = np.random.default_rng(0).standard_normal((1, 8)).astype(np.float32)
-    ref = run_ort(model, {"x": x})[0]
-    result = ckks.run(model, {"x": x})
-    err = np.linalg.norm(result.outputs[0] - ref) / np.linalg.norm(ref)
+    result = api.he_run(poly_mlp(), {"x": x})
+    [err] = result.relative_error.values()
     secs = ", ".join(f"{k} {v:.2f}s" for k, v in result.seconds.items())
     print(f"CKKS poly MLP 8-16-4 (x²): depth {result.depth}, {result.params.to_dict()}; "
           f"rel error {err:.2e}; {secs}")
@@ -102,9 +99,9 @@ def ckks_mlp() -> None:
 def ckks_attention(seq: int, width: int, heads: int, out: Path) -> None:
     import onnx
 
-    from edgekit.he import ckks
-    from edgekit.he.check import check
+    from edgekit import api
     from edgekit.he.models import block_inputs, poly_attention_block
+    from edgekit.he.run import relative_error as rel
     from edgekit.verify import ort_session, run_ort
 
     start = time.perf_counter()
@@ -123,17 +120,15 @@ def ckks_attention(seq: int, width: int, heads: int, out: Path) -> None:
           f"input span [{scores.min():.2f}, {scores.max():.2f}] (std {scores.std():.2f}); "
           f"poly-softmax: exp degree {sm['exp']['degree']} on {sm['exp']['interval']}, "
           f"{sm['squaring_steps']} squarings, final Newton {sm['final_reciprocal']}; "
-          f"he-check depth {check(poly).depth}; built in {time.perf_counter() - start:.1f}s")
-    result = ckks.run(poly, x, packed=True)
-    y = result.outputs[0]
-    ref, ref0 = run_ort(poly, x)[0], run_ort(original, x)[0]
-
-    def rel(a, b):
-        return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
+          f"he-check depth {api.he_check(poly).depth}; "
+          f"built in {time.perf_counter() - start:.1f}s")
+    result = api.he_run(poly, x, packed=True)
+    [y], [ref], [err] = (result.outputs.values(), result.reference.values(),
+                         result.relative_error.values())
+    ref0 = run_ort(original, x)[0]
     secs = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
     print(f"CKKS attention block (token-packed): {result.params.to_dict()}; rel error "
-          f"{rel(y, ref):.2e} vs the polynomial graph, {rel(y, ref0):.2e} vs the original "
+          f"{err:.2e} vs the polynomial graph, {rel(y, ref0):.2e} vs the original "
           f"block (plaintext poly vs original {rel(ref, ref0):.2e}); {secs}")
     print(f"    same run: edgekit he-run {out / 'attention-poly.onnx'} --input "
           f"x={out / 'x.npy'} --packed")

@@ -1,25 +1,64 @@
-"""The Python API. The CLI is a thin layer over these functions.
+"""The Python API. The CLI is a thin layer over these functions: everything a command does
+can be done from here, and ``edgekit.cli`` imports nothing else from edgekit but errors.
 
-    export()  MODEL spec -> checked single-file ONNX
-    rewrite() ONNX -> checked passes -> ONNX + ledger
-    compile() ONNX -> (passes) -> TVM library, verified against onnxruntime -> artifact
-    profile() artifact -> latency statistics (+ onnxruntime / torch baselines)
-    run()     artifact + inputs -> outputs
+    export()    MODEL spec -> checked single-file ONNX
+    rewrite()   ONNX -> checked passes -> ONNX + ledger, op counts and FLOPs before/after
+    tune()      ONNX -> MetaSchedule records in the per-target tuning database
+    compile()   ONNX -> (passes) -> TVM library, verified against onnxruntime -> artifact
+    profile()   artifact -> latency statistics (+ onnxruntime / torch baselines)
+    per_op()    artifact -> time of every kernel, mapped to ONNX nodes
+    run()       artifact + inputs -> outputs
+    demo()      export -> compile -> profile a built-in model, report.json
+    he_check()  ONNX -> HE-friendliness, multiplicative depth
+    he_run()    ONNX + inputs -> CKKS run, errors against onnxruntime
+Also: the listings (graphs, targets, passes), the device farm and runner build, and the
+saved-run helpers (load/save, compare, assertions, regression gate) the commands use.
+Importing this module is cheap: TVM and torch load inside the functions that need them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 
 from edgekit import intake, verify
 from edgekit.errors import EdgekitError
-from edgekit.verify import Comparison, TensorSpec
+from edgekit.graphs import DEFAULT as DEFAULT_GRAPH
+from edgekit.report.compare import (
+    check_assertion,
+    check_regression,
+    compare_runs,
+    environment_differences,
+    parse_assertion,
+    parse_percent,
+)
+from edgekit.report.html import write_report
+from edgekit.report.record import parse_duration
+from edgekit.report.schema import load_run, save_run, save_text
+from edgekit.targets import list_targets
+from edgekit.verify import Comparison, TensorSpec, parse_input_spec
+
+if TYPE_CHECKING:
+    from edgekit.graphs import GraphInfo
+    from edgekit.he.check import HEReport
+    from edgekit.he.run import HERun
+    from edgekit.passes.core import Pass
+
+__all__ = [
+    "DEFAULT_ATOL", "DEFAULT_GRAPH", "DEFAULT_RTOL", "Comparison", "CompileResult",
+    "DemoResult", "ExportResult", "RewriteResult", "RunnerBuild", "TensorSpec",
+    "build_runner", "check_assertion", "check_regression", "compare_runs", "compile", "demo",
+    "environment_differences", "export", "export_streaming", "he_check", "he_run",
+    "list_devices", "list_graphs", "list_passes", "list_targets", "load_calibration",
+    "load_run", "parse_assertion", "parse_duration", "parse_input_spec", "parse_percent",
+    "per_op", "profile", "rewrite", "run", "run_stream", "save_run", "serve_device",
+    "serve_tracker", "tune", "write_report",
+]
 
 Progress = Callable[[str], None]
 DEFAULT_ATOL = 1e-4
@@ -98,25 +137,44 @@ def export_streaming(
 class RewriteResult:
     model: onnx.ModelProto
     ledger: list  # list[passes.core.PassRun]
+    ops_before: dict[str, int] = field(default_factory=dict)  # op type -> node count
+    ops_after: dict[str, int] = field(default_factory=dict)
+    flops_before: int | None = None  # None: some shape is unknown (see edgekit.flops)
+    flops_after: int | None = None
 
     def ledger_dicts(self) -> list[dict[str, Any]]:
         return [run.to_dict() for run in self.ledger]
 
 
 def rewrite(
-    model: onnx.ModelProto,
+    model: onnx.ModelProto | str | Path,
     passes: str,
     inputs: Sequence[TensorSpec] = (),
-    calibration: Mapping[str, np.ndarray] | None = None,
+    calibration: Mapping[str, np.ndarray] | str | Path | None = None,
     progress: Progress = _quiet,
+    out: str | Path | None = None,
 ) -> RewriteResult:
-    """Apply ``passes`` ("a,b:key=value,...") in order, each checked; failed ones roll back."""
-    from edgekit.passes import available
-    from edgekit.passes.core import load_samples, parse_pass_list, run_pipeline
+    """Apply ``passes`` ("a,b:key=value,...") in order, each checked; failed ones roll back.
 
+    ``model`` is a model or an ONNX file (``inputs`` fix its input shapes), ``calibration``
+    arrays or an ``.npz`` of them; the result is written to ``out`` when given."""
+    from edgekit import flops
+    from edgekit.export import save_onnx
+    from edgekit.passes import available
+    from edgekit.passes.core import load_samples, op_counts, parse_pass_list, run_pipeline
+
+    if not isinstance(model, onnx.ModelProto):
+        model = intake.load_onnx(model, inputs)
+    if isinstance(calibration, (str, Path)):
+        calibration = load_calibration(calibration)
     plan = parse_pass_list(passes, available())
     samples = load_samples(model, inputs, calibration)
-    return RewriteResult(*run_pipeline(model, plan, samples, progress))
+    ops_before, flops_before = op_counts(model), flops.try_count(model)
+    rewritten, ledger = run_pipeline(model, plan, samples, progress)
+    if out is not None:
+        save_onnx(rewritten, out)
+    return RewriteResult(rewritten, ledger, ops_before, op_counts(rewritten), flops_before,
+                         flops.try_count(rewritten))
 
 
 def load_calibration(path: str | Path) -> dict[str, np.ndarray]:
@@ -160,9 +218,8 @@ def compile(  # noqa: A001 - the verb users expect
     seeded inputs; if any output differs beyond tolerance nothing is written.
     CPU targets: ``tune`` runs MetaSchedule first (``trials`` / ``tune_minutes`` budget);
     records in the tuning database (``tuning_db``, default per target under the user's
-    cache) are applied whether or not this call tunes (see ``edgekit.tune``)."""
-    from edgekit import artifact, runtime
-    from edgekit import compile as tvm_compile
+    cache) are applied whether or not this call tunes (see ``edgekit.compiler.tune``)."""
+    from edgekit import artifact, compiler, runtime
     from edgekit.targets import load_target
 
     tgt = load_target(target)
@@ -176,25 +233,24 @@ def compile(  # noqa: A001 - the verb users expect
         model, ledger = rewritten.model, rewritten.ledger_dicts()
     tgt.find_cross_compiler()  # fail before the long compile when the toolchain is missing
     progress("importing into TVM Relax")
-    mod = tvm_compile.to_relax(model, specs)
+    mod = compiler.to_relax(model, specs, progress)
     progress(f"compiling for {tgt.name}")
-    from edgekit.tune import TuningRequest
-
     tuning: dict[str, Any] = {}
-    executable = tvm_compile.build(
-        mod, tgt, TuningRequest(
+    executable = compiler.build(
+        mod, tgt, compiler.TuningRequest(
             tune or trials is not None or tune_minutes is not None, trials, tune_minutes,
             tuning_db), progress, tuning)
     out = Path(out)
     outputs = _output_specs(model)
     with artifact.staging(out) as tmp:
         progress("linking")
-        tvm_compile.export_library(executable, tgt, tmp / artifact.LIBRARY)
+        compiler.export_library(executable, tgt, tmp / artifact.LIBRARY)
         (tmp / artifact.ONNX_FILE).write_bytes(model.SerializeToString())
         check: dict[str, Any] = {"against": "onnxruntime", "atol": atol, "rtol": rtol}
         if tgt.runs_on_host:
             progress("verifying against onnxruntime")
-            comparisons = _verify_library(tmp, model, specs, outputs, tgt, atol, rtol)
+            comparisons = compiler.check_library(tmp / artifact.LIBRARY, model, specs, outputs,
+                                                 tgt, atol, rtol)
             check["outputs"] = [c.to_dict() for c in comparisons]
             if not all(c.ok for c in comparisons):
                 raise EdgekitError(
@@ -234,21 +290,6 @@ def _output_specs(model: onnx.ModelProto) -> list[TensorSpec]:
         shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
         out.append(TensorSpec(o.name, shape, verify._ONNX_TO_NUMPY.get(t.elem_type, "unknown")))
     return out
-
-
-def _verify_library(tmp: Path, model, specs, outputs, tgt, atol, rtol) -> list[Comparison]:
-    import tvm
-    from tvm import relax
-
-    from edgekit.artifact import LIBRARY
-
-    inputs = verify.seeded_inputs(specs, seed=0)
-    ref = verify.run_ort(model, inputs)
-    device = tvm.cuda() if tgt.device == "cuda" else tvm.cpu()
-    vm = relax.VirtualMachine(tvm.runtime.load_module(str(tmp / LIBRARY)), device)
-    result = vm["main"](*(tvm.runtime.tensor(a, device) for a in inputs.values()))
-    got = [result.numpy()] if hasattr(result, "numpy") else [t.numpy() for t in result]
-    return verify.compare([o.name for o in outputs], got, ref, atol, rtol)
 
 
 def run(artifact_path: str | Path, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -306,3 +347,161 @@ def profile(artifact_path: str | Path, runner: str | None = None, tracker: str |
         return result
     except runtime.ArtifactError as exc:
         raise EdgekitError(str(exc)) from None
+
+
+def per_op(artifact_path: str | Path, threads: int | None = None, warmup: int = 3,
+           repeat: int = 20, seed: int = 0) -> dict[str, Any]:
+    """Time every kernel and VM builtin of an artifact on seeded inputs, each kernel mapped
+    to the ONNX nodes it computes (see ``edgekit.per_op``). Returns ``{"per_op": rows,
+    "per_op_info": {...}}``, the keys a saved profile run carries."""
+    from edgekit import runtime
+    from edgekit.per_op import profile_artifact_per_op
+
+    try:
+        return profile_artifact_per_op(artifact_path, threads, warmup, repeat, seed)
+    except runtime.ArtifactError as exc:
+        raise EdgekitError(str(exc)) from None
+
+
+def tune(onnx_path: str | Path, target: str = "host", inputs: Sequence[TensorSpec] = (),
+         trials: int | None = None, tune_minutes: float | None = None,
+         tuning_db: str | Path | None = None, progress: Progress = _quiet) -> dict[str, Any]:
+    """Tune the model's kernels with MetaSchedule on this machine (``target`` must run here)
+    into the per-target tuning database; no artifact is written. Later compiles for the
+    target apply the records to every model sharing a kernel. Returns the session's numbers
+    (tasks, trials, seconds, cost model, kernels with records, database)."""
+    from edgekit.compiler import tune_model
+
+    return tune_model(onnx_path, target, inputs, trials, tune_minutes, tuning_db, progress)
+
+
+@dataclass
+class DemoResult:
+    report: dict[str, Any]  # what report.json holds: the checks and the profile
+    report_path: Path
+    onnx_path: Path
+    artifact_path: Path
+
+
+def demo(model: str | None = None, target: str = "host", out: str | Path = "edgekit-demo",
+         warmup: int = 10, repeat: int = 100, duration: float | str | None = None,
+         threads: int | None = None, progress: Progress = _quiet,
+         stage: Progress = _quiet) -> DemoResult:
+    """Export -> compile (verified) -> profile against onnxruntime and torch, end to end, for
+    a built-in graph (default ``DEFAULT_GRAPH``). Writes OUT/MODEL.onnx, OUT/MODEL.edgekit
+    and OUT/report.json; ``stage`` hears one line as each of the three steps starts."""
+    import json
+
+    name = model or DEFAULT_GRAPH
+    out = Path(out)
+    onnx_path, art = out / f"{name}.onnx", out / f"{name}.edgekit"
+    stage(f"[1/3] export {name} -> {onnx_path}")
+    exported = export(name, onnx_path, progress=progress)
+    stage(f"[2/3] compile for {target} -> {art} (verified against onnxruntime)")
+    compiled = compile(onnx_path, target, art, source=exported.source.to_dict(),
+                       progress=progress)
+    stage("[3/3] profile against onnxruntime and torch")
+    progress("profiling")
+    result = profile(art, warmup=warmup, repeat=repeat, duration=duration,
+                     compare=["ort", "torch"], threads=threads)
+    report = {
+        "model": name,
+        "export_check": [c.to_dict() for c in exported.comparisons],
+        "compile_check": compiled.manifest["verification"],
+        "profile": result,
+    }
+    report_path = save_text(json.dumps(report, indent=2) + "\n", out / "report.json")
+    return DemoResult(report, report_path, onnx_path, art)
+
+
+def he_check(model: onnx.ModelProto | str | Path, plain: Iterable[str] = ()) -> HEReport:
+    """Whether only HE-evaluable ops touch encrypted data (each offender named with the
+    reason), and the (degree, multiplicative depth) of every ciphertext tensor. ``plain``
+    names inputs the server may see in the clear; a file may keep dynamic dims."""
+    from edgekit.he.check import check, load
+
+    if not isinstance(model, onnx.ModelProto):
+        model = load(model)
+    return check(model, plain)
+
+
+def he_run(model: onnx.ModelProto | str | Path, inputs: Mapping[str, np.ndarray],
+           plain: Iterable[str] = (), scale_bits: int | None = None, packed: bool = False,
+           trace: bool = False) -> HERun:
+    """Encrypt ``inputs`` (CKKS through TenSEAL; parameters from the depth), evaluate on
+    ciphertexts, decrypt, and compare every output with onnxruntime on the same inputs.
+    ``packed`` puts the token axis (-2) in the slots; ``trace`` decrypts every intermediate
+    result and compares it too (see ``edgekit.he.run``)."""
+    from edgekit.he.run import run_against_ort
+
+    if not isinstance(model, onnx.ModelProto):
+        model = intake.load_onnx(model)
+    return run_against_ort(model, inputs, plain, scale_bits, packed, trace)
+
+
+def list_graphs() -> dict[str, GraphInfo]:
+    """The built-in reference models by name; ``DEFAULT_GRAPH`` is the demo's."""
+    from edgekit.graphs import available
+
+    return available()
+
+
+def list_passes() -> dict[str, Pass]:
+    """The rewrite passes by name, exact or approximate, with their parameters."""
+    from edgekit.passes import available
+
+    return available()
+
+
+def serve_tracker(host: str = "127.0.0.1", port: int = 9190,
+                  announce: Progress = print) -> None:
+    """Run TVM's RPC tracker until interrupted: devices register with it, profiles ask it
+    for a device by key. ``port`` is the first of 11 ports tried."""
+    from edgekit.devices import farm
+
+    farm.serve_tracker(host, port, announce=announce)
+
+
+def serve_device(key: str, tracker: str = "127.0.0.1:9190", host: str = "127.0.0.1",
+                 port: int = 9090, announce: Progress = print) -> None:
+    """Serve this machine as a device (TVM's RPC server) registered with ``tracker``
+    (HOST:PORT) under ``key``, until interrupted."""
+    from edgekit.devices import farm
+
+    farm.serve_device(key, tracker, host, port, announce=announce)
+
+
+def list_devices(tracker: str = "127.0.0.1:9190") -> list[dict[str, Any]]:
+    """The devices registered with ``tracker`` by key: free, pending, total, addresses."""
+    from edgekit.devices import farm
+
+    return farm.list_devices(tracker)
+
+
+@dataclass
+class RunnerBuild:
+    binary: Path
+    libraries: list[Path]  # the TVM runtime libraries it loads: copy them to the device too
+
+
+def build_runner(arch: str = "host", out: str | Path | None = None) -> RunnerBuild:
+    """Build (or reuse from ``~/.cache/edgekit``) edgekit-runner, the C++ binary that runs
+    artifacts on a device, for ``arch`` ("host" or "aarch64"); copied to ``out`` if given."""
+    import shutil
+
+    from edgekit.devices import toolchain
+
+    binary, rt = toolchain.build_runner(arch)
+    if out is not None:
+        out = Path(out)
+        tmp = out.with_name(f".{out.name}.tmp")
+        try:
+            shutil.copy2(binary, tmp)
+            tmp.replace(out)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise EdgekitError(f"cannot write {out}: {exc.strerror or exc}") from None
+        binary = out
+    libraries = [d / lib for d in rt.lib_dirs for lib in ("libtvm_runtime.so", "libtvm_ffi.so")
+                 if (d / lib).is_file()]
+    return RunnerBuild(binary, libraries)

@@ -1,21 +1,22 @@
-"""Shared CLI pieces: input-spec options, progress display, JSON printing."""
+"""Shared CLI pieces: input-spec options, progress display, JSON printing, .npy/.npz I/O."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import click
 
+from edgekit import api
 from edgekit.errors import EdgekitError
-from edgekit.verify import TensorSpec, parse_input_spec
 
 
-def input_specs(values: tuple[str, ...]) -> list[TensorSpec]:
-    return [parse_input_spec(v) for v in values]
+def input_specs(values: tuple[str, ...]) -> list[api.TensorSpec]:
+    return [api.parse_input_spec(v) for v in values]
 
 
 input_option = click.option(
@@ -70,3 +71,16 @@ def parse_named_arrays(values: tuple[str, ...]) -> dict:
             raise EdgekitError(f"cannot read {path}: not a .npy array "
                                f"({type(exc).__name__})") from None
     return out
+
+
+def save_npz(path: Path, arrays: Mapping[str, Any]) -> None:
+    """Write ``arrays`` to an ``.npz`` atomically (temp file, then rename)."""
+    import numpy as np
+
+    tmp = path.with_name(f".{path.name}.tmp.npz")
+    try:
+        np.savez(tmp, **arrays)
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise EdgekitError(f"cannot write {path}: {exc.strerror or exc}") from None

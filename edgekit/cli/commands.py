@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from edgekit import api
 from edgekit.cli._common import (
     input_option,
     input_specs,
@@ -25,17 +26,15 @@ def graphs_cmd(as_json: bool) -> None:
     Example:
       edgekit graphs
     """
-    from edgekit import graphs
-
-    items = graphs.available()
+    items = api.list_graphs()
     if as_json:
-        print_json([{"name": g.name, "summary": g.summary, "default": g.name == graphs.DEFAULT,
+        print_json([{"name": g.name, "summary": g.summary, "default": g.name == api.DEFAULT_GRAPH,
                      "inputs": [{"name": n, "shape": list(s), "dtype": d} for n, s, d in g.inputs]}
                     for g in items.values()])
         return
     for g in items.values():
         shapes = ", ".join(f"{n}:{'x'.join(map(str, s))}:{d}" for n, s, d in g.inputs)
-        mark = " (default)" if g.name == graphs.DEFAULT else ""
+        mark = " (default)" if g.name == api.DEFAULT_GRAPH else ""
         click.echo(f"{g.name}{mark}\n    {g.summary}\n    inputs: {shapes}")
 
 
@@ -48,9 +47,7 @@ def targets_cmd(as_json: bool) -> None:
     Example:
       edgekit targets --json
     """
-    from edgekit.targets import list_targets
-
-    items = list_targets()
+    items = api.list_targets()
     if as_json:
         print_json([{**t.to_dict(), "runs_on_host": t.runs_on_host} for t in items])
         return
@@ -88,8 +85,6 @@ def export_cmd(model: str, output: Path, inputs: tuple[str, ...], weights: Path 
       edgekit export net.py:make_model --weights ckpt.pt --input x:1x3x224x224 -o net.onnx
       edgekit export lmuformer --streaming -o step.onnx
     """
-    from edgekit import api
-
     if streaming:
         with progress() as step:
             res = api.export_streaming(model, output, chunk, input_specs(inputs), weights, atol,
@@ -154,8 +149,6 @@ def compile_cmd(onnx_file: Path, target: str, output: Path, passes: str,
       edgekit compile cnn.onnx --target rpi4 -o cnn-rpi4.edgekit --passes fold-bn
       edgekit compile cnn.onnx --target host -o cnn.edgekit --tune --trials 200
     """
-    from edgekit import api
-
     calib = api.load_calibration(calibration) if calibration else None
     with progress() as step:
         result = api.compile(onnx_file, target, output, passes, input_specs(inputs), calib,

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from edgekit import api
 from edgekit.cli._common import print_json
 
 
@@ -26,9 +27,7 @@ def tracker_cmd(host: str, port: int) -> None:
     Example:
       edgekit tracker --port 9190
     """
-    from edgekit.devices import farm
-
-    farm.serve_tracker(host, port, announce=_announce)
+    api.serve_tracker(host, port, announce=_announce)
 
 
 @click.command("serve-device")
@@ -46,9 +45,7 @@ def serve_device_cmd(key: str, tracker: str, host: str, port: int) -> None:
     Example:
       edgekit serve-device --key rpi4 --tracker 192.168.1.10:9190 --host 0.0.0.0
     """
-    from edgekit.devices import farm
-
-    farm.serve_device(key, tracker, host, port, announce=_announce)
+    api.serve_device(key, tracker, host, port, announce=_announce)
 
 
 @click.command("devices")
@@ -62,9 +59,7 @@ def devices_cmd(tracker: str, as_json: bool) -> None:
     Example:
       edgekit devices --tracker 127.0.0.1:9190
     """
-    from edgekit.devices import farm
-
-    rows = farm.list_devices(tracker)
+    rows = api.list_devices(tracker)
     if as_json:
         print_json(rows)
         return
@@ -92,23 +87,10 @@ def build_runner_cmd(arch: str, output: Path | None) -> None:
     Example:
       edgekit build-runner --arch aarch64 -o edgekit-runner
     """
-    import shutil
-
-    from edgekit.devices import toolchain
-    from edgekit.errors import EdgekitError
-
-    binary, rt = toolchain.build_runner(arch)
-    if output is not None:
-        try:
-            shutil.copy2(binary, output)
-        except OSError as exc:
-            raise EdgekitError(f"cannot write {output}: {exc.strerror or exc}") from None
-        binary = output
-    click.echo(f"runner: {binary}")
-    for d in rt.lib_dirs:
-        for lib in ("libtvm_runtime.so", "libtvm_ffi.so"):
-            if (d / lib).is_file():
-                click.echo(f"needs:  {d / lib}")
+    built = api.build_runner(arch, output)
+    click.echo(f"runner: {built.binary}")
+    for lib in built.libraries:
+        click.echo(f"needs:  {lib}")
 
 
 COMMANDS = (tracker_cmd, serve_device_cmd, devices_cmd, build_runner_cmd)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from edgekit.cli._common import parse_named_arrays, print_json
+from edgekit import api
+from edgekit.cli._common import parse_named_arrays, print_json, save_npz
 
 _plain_option = click.option(
     "--plain", "plain", multiple=True, metavar="INPUT",
@@ -27,9 +28,7 @@ def he_check_cmd(onnx_file: Path, plain: tuple[str, ...], as_json: bool) -> None
       edgekit rewrite m.onnx -o m-poly.onnx --passes poly-layernorm,poly-gelu,poly-softmax
       edgekit he-check m-poly.onnx --json
     """
-    from edgekit.he.check import check, load
-
-    report = check(load(onnx_file), plain)
+    report = api.he_check(onnx_file, plain)
     if as_json:
         print_json(report.to_dict())
     else:
@@ -75,29 +74,11 @@ def he_run_cmd(onnx_file: Path, inputs: tuple[str, ...], plain: tuple[str, ...],
       edgekit he-run mlp.onnx --input x=x.npy
       edgekit he-run attention-poly.onnx --input x=x.npy --packed --trace
     """
-    import numpy as np
-
-    from edgekit import intake
-    from edgekit.he import ckks
-    from edgekit.verify import run_ort
-
-    model = intake.load_onnx(onnx_file)
-    feeds = parse_named_arrays(inputs)
-    result = ckks.run(model, feeds, plain, scale_bits, packed=packed, trace=trace)
-    ref = run_ort(model, feeds)
-    names = [o.name for o in model.graph.output]
-    errors = {n: float(np.linalg.norm(out - r) / max(np.linalg.norm(r), 1e-30))
-              for n, out, r in zip(names, result.outputs, ref, strict=True)}
+    result = api.he_run(onnx_file, parse_named_arrays(inputs), plain, scale_bits, packed, trace)
     if output is not None:
-        np.savez(output, **dict(zip(names, result.outputs, strict=True)))
-    data = {"params": result.params.to_dict(), "depth": result.depth,
-            "packing": result.packing,
-            "seconds": {k: round(v, 4) for k, v in result.seconds.items()},
-            "relative_error": errors}
-    if result.trace is not None:
-        data["trace"] = [row.to_dict() for row in result.trace]
+        save_npz(output, result.outputs)
     if as_json:
-        print_json(data)
+        print_json(result.to_dict())
         return
     for row in result.trace or []:
         click.echo(f"trace {row.name:<28} {row.op:<10} {row.layout:<7} levels left "
@@ -106,7 +87,7 @@ def he_run_cmd(onnx_file: Path, inputs: tuple[str, ...], plain: tuple[str, ...],
     click.echo(f"CKKS ring degree {p.ring_degree}, modulus {p.coeff_mod_bit_sizes} "
                f"(depth {result.depth}, {result.packing} packing)")
     click.echo("time: " + ", ".join(f"{k} {v:.3f}s" for k, v in result.seconds.items()))
-    for n, e in errors.items():
+    for n, e in result.relative_error.items():
         click.echo(f"{n}: relative error vs onnxruntime {e:.2e}")
     if output is not None:
         click.echo(f"wrote {output}")

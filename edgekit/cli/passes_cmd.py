@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from edgekit import api
 from edgekit.cli._common import input_option, input_specs, print_json, progress
 
 
@@ -18,9 +19,7 @@ def passes_cmd(as_json: bool) -> None:
     Example:
       edgekit passes
     """
-    from edgekit.passes import available
-
-    items = available().values()
+    items = api.list_passes().values()
     if as_json:
         print_json([{"name": p.name, "summary": p.summary, "exact": p.exact,
                      "budget": None if p.exact else p.budget, "params": dict(p.params)}
@@ -71,21 +70,13 @@ def rewrite_cmd(onnx_file: Path, output: Path, passes: str, calibration: Path | 
     Example:
       edgekit rewrite gpt.onnx -o gpt-rms.onnx --passes ln-to-rmsnorm --explain
     """
-    from edgekit import api, flops, intake
-    from edgekit.export import save_onnx
-    from edgekit.passes.core import op_counts
-
-    model = intake.load_onnx(onnx_file, input_specs(inputs))
-    calib = api.load_calibration(calibration) if calibration else None
     with progress(not as_json) as step:
-        result = api.rewrite(model, passes, input_specs(inputs), calib, step)
-    save_onnx(result.model, output)
+        result = api.rewrite(onnx_file, passes, input_specs(inputs), calibration, step, output)
     ledger = result.ledger_dicts()
     if as_json:
         print_json({"input": str(onnx_file), "output": str(output),
-                    "ops_before": op_counts(model), "ops_after": op_counts(result.model),
-                    "flops_before": flops.try_count(model),
-                    "flops_after": flops.try_count(result.model),
+                    "ops_before": result.ops_before, "ops_after": result.ops_after,
+                    "flops_before": result.flops_before, "flops_after": result.flops_after,
                     "ledger": ledger})
         return
     _print_ledger(ledger, explain)

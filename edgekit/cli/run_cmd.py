@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
-from edgekit.cli._common import parse_named_arrays, print_json, progress
-from edgekit.cli.report_cmd import DURATION, Gate, gate_options
+from edgekit import api
+from edgekit.cli._common import parse_named_arrays, print_json, progress, save_npz
+from edgekit.cli._gate import DURATION, Gate, gate_options
+from edgekit.cli._tables import latency_table, per_op_table
 from edgekit.errors import EdgekitError
-
-_STATS = ("min", "mean", "median", "p90", "p95", "p99", "max", "std", "cv")
 
 
 @click.command("run")
@@ -35,23 +34,13 @@ def run_cmd(artifact: Path, inputs: tuple[str, ...], output: Path, stream: bool)
       edgekit run cnn.edgekit --input image=x.npy -o out.npz
       edgekit run step.edgekit --stream --input x=seq.npy -o out.npz
     """
-    import numpy as np
-
-    from edgekit import api
-
     if stream:
         outputs, delay = api.run_stream(artifact, parse_named_arrays(inputs))
         if delay:
             click.echo(f"  delay {delay} frame(s): the last {delay} frame(s) need future input")
     else:
         outputs = api.run(artifact, parse_named_arrays(inputs))
-    tmp = output.with_name(f".{output.name}.tmp.npz")
-    try:
-        np.savez(tmp, **outputs)
-        tmp.replace(output)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise EdgekitError(f"cannot write {output}: {exc.strerror or exc}") from None
+    save_npz(output, outputs)
     for name, arr in outputs.items():
         click.echo(f"  {name}: {arr.dtype} {tuple(arr.shape)}")
     click.echo(f"wrote {output}")
@@ -72,36 +61,6 @@ def _profile_options(fn):
     for opt in reversed(opts):
         fn = opt(fn)
     return fn
-
-
-def _table(result: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    engines = [("edgekit (TVM)", result["latency_ms"])]
-    engines += list(result.get("baselines", {}).items())
-    table = Table(title=f"latency in ms: {result['threads']} threads, "
-                        f"{result['iterations']} timed calls")
-    table.add_column("statistic")
-    for name, _ in engines:
-        table.add_column(name, justify="right")
-    for s in _STATS:
-        table.add_row(s, *(f"{lat[s]:.1%}" if s == "cv" else f"{lat[s]:.3f}"
-                           for _, lat in engines))
-    median = result["latency_ms"]["median"]
-    table.add_row("edgekit ÷ engine (median)", "1.00",
-                  *(f"{median / lat['median']:.2f}" for _, lat in engines[1:]))
-    console = Console()
-    console.print(table)
-    console.print(f"load {result['load_ms']:.1f} ms, first run {result['first_run_ms']:.2f} ms")
-    for note in result.get("notes", []):
-        console.print(note)
-    if "stream" in result:  # step artifacts: the streaming loop, state carried between calls
-        st = result["stream"]
-        console.print(f"streaming: {st['per_frame_ms']['median']:.3f} ms per frame (median; "
-                      f"{st['chunk']} frame(s) per call, {st['state_bytes']} bytes of state)")
-    for warning in result.get("warnings", []):
-        console.print(f"warning: {warning}", style="yellow")
 
 
 def _engines(compare: str) -> list[str]:
@@ -140,30 +99,25 @@ def profile_cmd(artifact: Path, warmup: int, repeat: int, duration: float | str 
       edgekit profile cnn.edgekit --per-op
       edgekit profile cnn-rpi4.edgekit --tracker 127.0.0.1:9190 --key rpi4
     """
-    from edgekit import api
-
     gate = Gate(save, asserts, baseline, max_regress)
     gate.check_inputs()
+    if per_op and (runner or tracker):
+        raise EdgekitError("--per-op times kernels in this process; it cannot be "
+                           "combined with --runner or --tracker")
     with progress(not as_json) as step:
         step("profiling")
         result = api.profile(artifact, warmup=warmup, repeat=repeat, duration=duration,
                              compare=_engines(compare), threads=threads, runner=runner,
                              tracker=tracker, key=key)
         if per_op:
-            from edgekit import per_op as per_op_mod
-
-            if runner or tracker:
-                raise EdgekitError("--per-op times kernels in this process; it cannot be "
-                                   "combined with --runner or --tracker")
             step("per-op profiling")
-            result.update(per_op_mod.profile_artifact_per_op(artifact, threads, min(warmup, 5),
-                                                             min(repeat, 50)))
+            result.update(api.per_op(artifact, threads, min(warmup, 5), min(repeat, 50)))
     if as_json:
         print_json(result)
     else:
-        _table(result)
+        latency_table(result)
         if per_op:
-            per_op_mod.print_table(result)
+            per_op_table(result)
     gate.finish(result, quiet=as_json)
 
 
@@ -184,32 +138,11 @@ def demo_cmd(model: str | None, target: str, out: Path, warmup: int, repeat: int
     Example:
       edgekit demo
     """
-    from edgekit import api, graphs
-
-    name = model or graphs.DEFAULT
-    onnx_path = out / f"{name}.onnx"
-    art = out / f"{name}.edgekit"
     with progress() as step:
-        click.echo(f"[1/3] export {name} -> {onnx_path}", err=True)
-        exported = api.export(name, onnx_path, progress=step)
-        click.echo(f"[2/3] compile for {target} -> {art} (verified against onnxruntime)",
-                   err=True)
-        compiled = api.compile(onnx_path, target, art, source=exported.source.to_dict(),
-                               progress=step)
-        click.echo("[3/3] profile against onnxruntime and torch", err=True)
-        step("profiling")
-        result = api.profile(art, warmup=warmup, repeat=repeat, duration=duration,
-                             compare=["ort", "torch"], threads=threads)
-    report = {
-        "model": name,
-        "export_check": [c.to_dict() for c in exported.comparisons],
-        "compile_check": compiled.manifest["verification"],
-        "profile": result,
-    }
-    report_path = out / "report.json"
-    report_path.write_text(json.dumps(report, indent=2) + "\n")
-    _table(result)
-    click.echo(f"report: {report_path}")
+        result = api.demo(model, target, out, warmup, repeat, duration, threads, progress=step,
+                          stage=lambda line: click.echo(line, err=True))
+    latency_table(result.report["profile"])
+    click.echo(f"report: {result.report_path}")
 
 
 COMMANDS = (run_cmd, profile_cmd, demo_cmd)

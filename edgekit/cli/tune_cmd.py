@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from edgekit import api
 from edgekit.cli._common import input_option, input_specs, print_json, progress
 
 budget_options = [
@@ -53,11 +54,9 @@ def tune_cmd(onnx_file: Path, target: str, inputs: tuple[str, ...], trials: int 
       edgekit tune cnn.onnx --target host --trials 200
       edgekit tune cnn.onnx --tune-minutes 10 --tuning-db ./tuning
     """
-    from edgekit.tune import tune_model
-
     with progress(not as_json) as step:
-        result = tune_model(onnx_file, target, input_specs(inputs), trials, tune_minutes,
-                            tuning_db, step)
+        result = api.tune(onnx_file, target, input_specs(inputs), trials, tune_minutes,
+                          tuning_db, step)
     if as_json:
         print_json(result)
         return
