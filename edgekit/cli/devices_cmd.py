@@ -15,19 +15,30 @@ def _announce(message: str) -> None:
     click.echo("press Ctrl-C to stop", err=True)
 
 
+def _warn(message: str) -> None:
+    click.echo(f"warning: {message}", err=True)
+
+
+_secret = click.option(
+    "--secret", envvar="EDGEKIT_FARM_SECRET", show_envvar=True,
+    help="Farm secret the tracker and devices check before listing, leasing or running "
+         "anything (prefer the environment variable: arguments show in `ps`).")
+
+
 @click.command("tracker")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind (0.0.0.0 to accept devices from other machines).")
 @click.option("--port", type=click.IntRange(1, 65535), default=9190, show_default=True,
               help="First port to try; the next 10 are tried if it is taken.")
-def tracker_cmd(host: str, port: int) -> None:
+@_secret
+def tracker_cmd(host: str, port: int, secret: str | None) -> None:
     """Run TVM's RPC tracker: devices register with it, profiles request them by key.
 
     \b
     Example:
       edgekit tracker --port 9190
     """
-    api.serve_tracker(host, port, announce=_announce)
+    api.serve_tracker(host, port, announce=_announce, secret=secret, warn=_warn)
 
 
 @click.command("serve-device")
@@ -38,28 +49,33 @@ def tracker_cmd(host: str, port: int) -> None:
               help="Address to bind (0.0.0.0 when the tracker's clients are elsewhere).")
 @click.option("--port", type=click.IntRange(1, 65535), default=9090, show_default=True,
               help="First port to try; the next 10 are tried if it is taken.")
-def serve_device_cmd(key: str, tracker: str, host: str, port: int) -> None:
+@_secret
+def serve_device_cmd(key: str, tracker: str, host: str, port: int, secret: str | None) -> None:
     """Serve this machine as a device (TVM's RPC server) registered under KEY.
+
+    It runs code that clients upload: bind a non-loopback --host only on a trusted network,
+    and give the farm a secret (EDGEKIT_FARM_SECRET) so that clients without it are refused.
 
     \b
     Example:
       edgekit serve-device --key rpi4 --tracker 192.168.1.10:9190 --host 0.0.0.0
     """
-    api.serve_device(key, tracker, host, port, announce=_announce)
+    api.serve_device(key, tracker, host, port, announce=_announce, secret=secret, warn=_warn)
 
 
 @click.command("devices")
 @click.option("--tracker", "tracker", default="127.0.0.1:9190", show_default=True,
               metavar="HOST:PORT", help="Tracker to ask.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def devices_cmd(tracker: str, as_json: bool) -> None:
+@_secret
+def devices_cmd(tracker: str, as_json: bool, secret: str | None) -> None:
     """List the devices registered with a tracker, by key.
 
     \b
     Example:
       edgekit devices --tracker 127.0.0.1:9190
     """
-    rows = api.list_devices(tracker)
+    rows = api.list_devices(tracker, secret)
     if as_json:
         print_json(rows)
         return

@@ -2,7 +2,10 @@
 
 ``serve_tracker`` and ``serve_device`` run TVM's own tracker and RPC server (each in a TVM
 popen worker process) until SIGINT/SIGTERM, then stop them and every process they started:
-TVM's server forks a worker per session and does not reap them when it is killed.
+TVM's server forks a worker per session and does not reap them when it is killed. Those workers
+also die with a server killed by SIGKILL, and an optional farm secret keeps out clients that
+lack it (``farm_auth.py``); a bind to a non-loopback address warns that TVM's RPC runs uploaded
+code for anyone who reaches it.
 ``profile_remote`` uploads an artifact's library to a device reached through the tracker and
 times it there with TVM's time evaluator (per-call times measured on the device).
 """
@@ -10,8 +13,12 @@ times it there with TVM's time evaluator (per-call times measured on the device)
 from __future__ import annotations
 
 import contextlib
+import functools
+import ipaddress
+import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -19,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekit import runtime
+from edgekit.devices import farm_auth
 from edgekit.errors import EdgekitError, last_line
 from edgekit.report.record import device_seconds, finalize_device
 
@@ -32,6 +40,33 @@ def parse_address(address: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit():
         raise EdgekitError(f"tracker address {address!r}: expected HOST:PORT")
     return host, int(port)
+
+
+def _stderr(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether every address ``host`` names is a loopback one (0.0.0.0 and :: are not)."""
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(str(i[4][0]).split("%")[0]).is_loopback
+                               for i in infos)
+
+
+def _warn_exposed(host: str, what: str, secret: str | None,
+                  warn: Callable[[str], None]) -> None:
+    if is_loopback(host):
+        return
+    advice = "" if secret else f"; set a farm secret (--secret or ${farm_auth.SECRET_ENV})"
+    who = ("a device server" if what == "the tracker" else "the device server")
+    reach = ("anyone who reaches it can lease its devices, and " if what == "the tracker"
+             else "")
+    warn(f"{what} binds {host}, which is not a loopback address: {reach}{who} runs uploaded "
+         "code for any client that reaches it (TVM's RPC assumes a trusted network), so use "
+         f"it only on a trusted network{advice}")
 
 
 def stop_children(timeout: float = 5.0) -> list[int]:
@@ -73,15 +108,32 @@ def _serve(start: Callable[[], Any], describe: Callable[[Any], str],
             signal.signal(sig, handler)
 
 
+class _TrackerProcess:
+    """TVM's tracker in a TVM popen worker that dies with this process (``farm_auth``)."""
+
+    def __init__(self, secret: str | None, host: str, port: int, port_end: int) -> None:
+        from tvm.support.popen_pool import PopenWorker
+
+        self.proc = PopenWorker()
+        self.proc.send(farm_auth.start_tracker, [os.getpid(), secret, host, port, port_end])
+        self.port, _ = self.proc.recv()
+
+    def terminate(self) -> None:
+        self.proc.kill()
+
+
 def serve_tracker(host: str = "127.0.0.1", port: int = DEFAULT_TRACKER_PORT,
                   port_end: int | None = None,
-                  announce: Callable[[str], None] = print) -> None:
-    """Run TVM's RPC tracker until interrupted."""
-    from tvm.rpc.tracker import Tracker
+                  announce: Callable[[str], None] = print, secret: str | None = None,
+                  warn: Callable[[str], None] = _stderr) -> None:
+    """Run TVM's RPC tracker until interrupted; with a secret (or ``$EDGEKIT_FARM_SECRET``)
+    only clients and devices that hold it may list, lease or register devices."""
+    secret = farm_auth.resolve_secret(secret)
+    _warn_exposed(host, "the tracker", secret, warn)
 
     def start():
         try:
-            return Tracker(host=host, port=port, port_end=port_end or port + 10, silent=True)
+            return _TrackerProcess(secret, host, port, port_end or port + 10)
         except Exception as exc:
             raise EdgekitError(f"cannot start the tracker on {host}:{port}: "
                                f"{last_line(exc)}") from None
@@ -91,17 +143,24 @@ def serve_tracker(host: str = "127.0.0.1", port: int = DEFAULT_TRACKER_PORT,
 
 def serve_device(key: str, tracker: str, host: str = "127.0.0.1",
                  port: int = DEFAULT_SERVER_PORT, port_end: int | None = None,
-                 announce: Callable[[str], None] = print) -> None:
-    """Run TVM's RPC server for this machine, registered with ``tracker`` under ``key``."""
+                 announce: Callable[[str], None] = print, secret: str | None = None,
+                 warn: Callable[[str], None] = _stderr) -> None:
+    """Run TVM's RPC server for this machine, registered with ``tracker`` under ``key``; with
+    a secret (or ``$EDGEKIT_FARM_SECRET``) it serves only clients that prove they hold it."""
     from tvm import rpc
 
+    secret = farm_auth.resolve_secret(secret)
     tracker_addr = parse_address(tracker)
-    _check_tracker(*tracker_addr, wait=30.0)  # the tracker may still be starting
+    _warn_exposed(host, "serve-device", secret, warn)
+    # the tracker may still be starting; and a secret it would refuse is better said now
+    _summary(_check_tracker(*tracker_addr, wait=30.0, secret=secret), tracker)
+    init = functools.partial(farm_auth.server_worker_init, os.getpid(), secret)
 
     def start():
         try:
             return rpc.Server(host=host, port=port, port_end=port_end or port + 10,
-                              tracker_addr=tracker_addr, key=key, silent=True)
+                              tracker_addr=tracker_addr, key=key, silent=True,
+                              server_init_callback=init)
         except Exception as exc:
             raise EdgekitError(f"cannot start the RPC server on {host}:{port}: "
                                f"{last_line(exc)}") from None
@@ -110,8 +169,9 @@ def serve_device(key: str, tracker: str, host: str = "127.0.0.1",
                             f"registered with tracker {tracker}", announce)
 
 
-def _check_tracker(host: str, port: int, wait: float = 0.0):
-    """A tracker session; retries for ``wait`` seconds before giving up."""
+def _check_tracker(host: str, port: int, wait: float = 0.0, secret: str | None = None):
+    """A tracker session, authenticated when there is a secret; retries for ``wait`` seconds
+    before giving up."""
     from tvm import rpc
 
     deadline = time.monotonic() + wait
@@ -119,18 +179,60 @@ def _check_tracker(host: str, port: int, wait: float = 0.0):
         try:
             with socket.create_connection((host, port), timeout=5):
                 pass
-            return rpc.connect_tracker(host, port)
+            session = rpc.connect_tracker(host, port)
+            break
         except Exception as exc:
             if time.monotonic() < deadline:
                 time.sleep(0.5)
                 continue
             raise EdgekitError(f"cannot reach the tracker at {host}:{port}: "
                                f"{last_line(exc)}") from None
+    if secret:
+        problem = farm_auth.authenticate(session._sock, secret)
+        if problem:
+            raise EdgekitError(f"{host}:{port}: {problem}")
+    return session
 
 
-def list_devices(tracker: str) -> list[dict[str, Any]]:
+def _summary(session: Any, tracker: str) -> dict[str, Any]:
+    """The tracker's summary, or a clear error when it wants the farm secret."""
+    try:
+        return session.summary()
+    except (RuntimeError, OSError):
+        raise EdgekitError(f"the tracker at {tracker} needs the farm secret: pass --secret or "
+                           f"set ${farm_auth.SECRET_ENV}") from None
+
+
+def lease(tracker: str, key: str, secret: str | None = None) -> tuple[str, int, str]:
+    """Lease a device with ``key`` from the tracker (waits for a free one): (host, port,
+    match key). The match key alone does not open a secret-holding device server."""
+    from tvm.rpc import base
+
+    secret = farm_auth.resolve_secret(secret)
+    session = _check_tracker(*parse_address(tracker), secret=secret)
+    base.sendjson(session._sock, [base.TrackerCode.REQUEST, key, "", 1])
+    reply = base.recvjson(session._sock)
+    if not (isinstance(reply, list) and reply and reply[0] == base.TrackerCode.SUCCESS):
+        raise EdgekitError(f"the tracker at {tracker} needs the farm secret: pass --secret or "
+                           f"set ${farm_auth.SECRET_ENV}")
+    url, port, matchkey = reply[1]
+    return str(url), int(port), str(matchkey)
+
+
+def request_session(tracker: str, key: str, secret: str | None = None,
+                    session_timeout: float = 0) -> Any:
+    """An RPC session on a device with ``key`` (TVM's ``RPCSession``), proving the secret."""
+    from tvm import rpc
+
+    secret = farm_auth.resolve_secret(secret)
+    url, port, matchkey = lease(tracker, key, secret)
+    return rpc.connect(url, port, farm_auth.client_key(matchkey, secret), session_timeout)
+
+
+def list_devices(tracker: str, secret: str | None = None) -> list[dict[str, Any]]:
     """Devices registered with the tracker: key, free, pending requests, total."""
-    summary = _check_tracker(*parse_address(tracker)).summary()
+    secret = farm_auth.resolve_secret(secret)
+    summary = _summary(_check_tracker(*parse_address(tracker), secret=secret), tracker)
     rows: dict[str, dict[str, Any]] = {}
     for server in summary.get("server_info", []):
         key = str(server.get("key", "")).split(":")[-1] if server.get("key") else "?"
@@ -144,15 +246,18 @@ def list_devices(tracker: str) -> list[dict[str, Any]]:
         row = rows.setdefault(key, {"key": key, "free": 0, "pending": 0, "total": 0,
                                     "addresses": []})
         row["free"], row["pending"] = info.get("free", 0), info.get("pending", 0)
-    return sorted(rows.values(), key=lambda r: r["key"])
+    # TVM's tracker keeps a key's queue after its last device goes: not a device any more
+    return sorted((r for r in rows.values() if r["total"] or r["free"] or r["pending"]),
+                  key=lambda r: r["key"])
 
 
-def wait_for_device(tracker: str, key: str, timeout: float = 30.0) -> None:
+def wait_for_device(tracker: str, key: str, timeout: float = 30.0,
+                    secret: str | None = None) -> None:
     """Block until ``key`` has a free device on the tracker; raise at once when no device has
     that key, or after ``timeout`` when they stay busy."""
     deadline = time.monotonic() + timeout
     while True:
-        devices = {d["key"]: d for d in list_devices(tracker)}
+        devices = {d["key"]: d for d in list_devices(tracker, secret)}
         if devices.get(key, {}).get("free", 0) > 0:
             return
         if key not in devices or time.monotonic() > deadline:
@@ -165,8 +270,9 @@ def wait_for_device(tracker: str, key: str, timeout: float = 30.0) -> None:
 def profile_remote(artifact: str | Path, tracker: str, key: str, warmup: int = 10,
                    repeat: int = 100, duration: float | str | None = None,
                    threads: int | None = None, seed: int = 0,
-                   wait: float = 10.0) -> dict[str, Any]:
-    """Upload ``artifact`` to a device with ``key`` and time it there (local-profile format)."""
+                   wait: float = 10.0, secret: str | None = None) -> dict[str, Any]:
+    """Upload ``artifact`` to a device with ``key`` and time it there (local-profile format);
+    ``secret`` defaults to ``$EDGEKIT_FARM_SECRET``."""
     from tvm import relax
     from tvm import runtime as tvm_runtime
 
@@ -177,13 +283,13 @@ def profile_remote(artifact: str | Path, tracker: str, key: str, warmup: int = 1
         manifest = runtime.read_manifest(artifact)
     except runtime.ArtifactError as exc:
         raise EdgekitError(str(exc)) from None
-    wait_for_device(tracker, key, wait)
-    host, port = parse_address(tracker)
+    secret = farm_auth.resolve_secret(secret)
+    wait_for_device(tracker, key, wait, secret)
     specs = [TensorSpec.from_dict(i) for i in manifest["inputs"]]
     inputs = seeded_inputs(specs, seed)
     try:
         t0 = time.perf_counter()
-        sess = _check_tracker(host, port).request(key, priority=1, session_timeout=0)
+        sess = request_session(tracker, key, secret)
         if threads:
             sess.get_function("runtime.config_threadpool")(1, threads)
         used_threads = int(sess.get_function("runtime.NumThreads")())
