@@ -8,6 +8,7 @@ An output passes when ``max_abs <= atol + rtol * max|ref|``.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -228,12 +229,22 @@ def describe_failures(comparisons: Sequence[Comparison]) -> str:
     return "; ".join(f"{c.name}: max abs {c.max_abs:.3g}, rel {c.rel:.3g}" for c in bad)
 
 
+# onnxruntime 1.32's MatMulAddFusion fails to load some valid graphs with "Attempt to replace
+# the existing tensor" (graph.cc AddInitializedOrtValue): two MatMul+Add pairs sharing a bias
+# initializer, as token-prune leaves on a BERT pruned after its first layer. Such a model is
+# loaded again without that optimizer (a fusion only: the outputs are the same ops' outputs).
+ORT_FALLBACK_OPTIMIZERS = ("MatMulAddFusion",)
+
+
 def ort_session(model: onnx.ModelProto | bytes | str, threads: int | None = None):
-    """An onnxruntime CPU session (``threads`` intra-op threads, default: ORT's choice)."""
+    """An onnxruntime CPU session (``threads`` intra-op threads, default: ORT's choice).
+
+    A model that fails to load is tried once more without ``ORT_FALLBACK_OPTIMIZERS``; when
+    that works, a warning says so."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # load errors come back as the exception, not as log lines
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
@@ -241,7 +252,17 @@ def ort_session(model: onnx.ModelProto | bytes | str, threads: int | None = None
     try:
         return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises several unrelated types for bad graphs
-        raise EdgekitError(f"onnxruntime cannot load the model: {first_line(exc)}") from exc
+        error = exc
+    try:
+        sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"],
+                                    disabled_optimizers=list(ORT_FALLBACK_OPTIMIZERS))
+    except Exception:
+        raise EdgekitError(f"onnxruntime cannot load the model: {first_line(error)}"
+                           ) from error
+    warnings.warn(f"onnxruntime could not load the model with all its optimizers "
+                  f"({first_line(error).rsplit(': ', 1)[-1]}); loaded it without "
+                  f"{', '.join(ORT_FALLBACK_OPTIMIZERS)}", RuntimeWarning, stacklevel=2)
+    return sess
 
 
 def run_ort(model, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:

@@ -8,6 +8,7 @@ import click
 
 from edgekit import api
 from edgekit.cli._common import input_option, input_specs, print_json, progress
+from edgekit.errors import EdgekitError
 
 
 @click.command("passes")
@@ -35,7 +36,9 @@ def _print_ledger(ledger: list[dict], explain: bool) -> None:
     for run in ledger:
         changed = ", ".join(f"{k}×{v}" for k, v in run["changed"].items()) or "no change"
         err = "" if run["max_rel_error"] is None else f", max rel error {run['max_rel_error']:.2g}"
-        click.echo(f"{run['pass']}: {run['status']} ({changed}{err})")
+        fitted = {"seeded": ", fitted on seeded inputs (widened ranges)",
+                  "samples": ", fitted on the calibration samples"}.get(run["calibration"], "")
+        click.echo(f"{run['pass']}: {run['status']} ({changed}{err}{fitted})")
         before, after = run.get("flops_before"), run.get("flops_after")
         if before and after is not None and after != before:
             click.echo(f"    FLOPs {before:,} -> {after:,} ({after / before:.1%})")
@@ -55,23 +58,34 @@ def _print_ledger(ledger: list[dict], explain: bool) -> None:
 @click.option("--passes", required=True, help="Comma-separated passes, e.g. fold-bn,"
               "poly-softmax:degree=64 (see edgekit passes).")
 @click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path),
-              help=".npz of model inputs (optionally with a leading sample axis).")
+              help=".npz of model inputs (optionally with a leading sample axis); the "
+              "polynomial passes fit their ranges to it and are refused without it.")
+@click.option("--seeded-calibration", is_flag=True, help="Let the polynomial passes fit seeded "
+              "inputs instead (ranges widened; only for models whose real inputs are N(0, 1)).")
 @input_option
 @click.option("--explain", is_flag=True, help="Print every skipped candidate with its reason.")
+@click.option("--strict", is_flag=True, help="Exit 1, writing nothing, when a pass is refused "
+              "or rolled back.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report and ledger as JSON.")
 def rewrite_cmd(onnx_file: Path, output: Path, passes: str, calibration: Path | None,
-                inputs: tuple[str, ...], explain: bool, as_json: bool) -> None:
+                seeded_calibration: bool, inputs: tuple[str, ...], explain: bool, strict: bool,
+                as_json: bool) -> None:
     """Apply rewrite passes to an ONNX model, each checked with onnxruntime.
 
     A pass whose result differs from its input beyond its budget (1e-5 relative for exact
-    passes) is rolled back and reported.
+    passes) is rolled back and reported; with --strict that is an error. The polynomial
+    passes need --calibration real inputs (or --seeded-calibration).
 
     \b
     Example:
       edgekit rewrite gpt.onnx -o gpt-rms.onnx --passes ln-to-rmsnorm --explain
     """
+    if calibration and seeded_calibration:
+        raise EdgekitError("give --calibration or --seeded-calibration, not both")
+    calib = "seeded" if seeded_calibration else calibration
     with progress(not as_json) as step:
-        result = api.rewrite(onnx_file, passes, input_specs(inputs), calibration, step, output)
+        result = api.rewrite(onnx_file, passes, input_specs(inputs), calib, step, output,
+                             strict)
     ledger = result.ledger_dicts()
     if as_json:
         print_json({"input": str(onnx_file), "output": str(output),

@@ -27,8 +27,21 @@ import numpy as np
 import onnx_ir as ir
 
 from edgekit.passes._channel_axis import RESHAPES, axis_backward, axis_forward, rank_of
-from edgekit.passes._ir import Builder, const_array
+from edgekit.passes._ir import Builder, computed_from_constants, const_array
 from edgekit.passes.core import PassReport
+
+# A pass never runs another pass (one constant folder, one ledger entry per rewrite), so a
+# parameter that constant folding would produce (the onnx zoo's ConstantOfShape weights) is
+# reported with the command that folds it.
+FOLD_FIRST = "run fold-constants first (--passes fold-constants,fold-bn)"
+
+
+def not_constant(value: ir.Value, what: str) -> str:
+    """Why ``value`` blocks a fold: not a constant, or not yet one (then how to make it one)."""
+    if computed_from_constants(value):
+        return (f"{what} is computed from constants ({value.producer().op_type}) but not yet "
+                f"one: {FOLD_FIRST}")
+    return f"{what} is not a constant"
 
 Plan = Callable[[], tuple[str, ir.Value]]  # applies a fold; returns (rule, value now == out)
 
@@ -57,7 +70,7 @@ def bn_scale_shift(node: ir.Node) -> tuple[np.ndarray, np.ndarray] | str:
     params = [const_array(v) for v in node.inputs[1:5]]
     for value, arr in zip(node.inputs[1:5], params, strict=True):
         if arr is None:
-            return f"parameter {value.name!r} is not a constant"
+            return not_constant(value, f"parameter {value.name!r}")
     gamma, beta, mean, var = (p.astype(np.float64).reshape(-1) for p in params)
     s = gamma / np.sqrt(var + node.attributes.get_float("epsilon", 1e-5))
     return s, beta - mean * s
@@ -77,8 +90,10 @@ def _weight(node: ir.Node, index: int) -> np.ndarray | str:
     """A constant weight only ``node`` reads, or why it cannot be rewritten."""
     value = node.inputs[index] if len(node.inputs) > index else None
     arr = const_array(value)
-    if value is None or arr is None:
+    if value is None:
         return f"the weight of {node.name!r} is not a constant"
+    if arr is None:
+        return not_constant(value, f"the weight of {node.name!r}")
     for user, _ in value.uses():
         if user is not node and user.op_type != "Shape":  # Shape reads no values
             return f"weight {value.name!r} is shared with node {user.name!r}"
@@ -90,7 +105,8 @@ def _bias(node: ir.Node, index: int, channels: int) -> np.ndarray | str:
         return np.zeros(channels)
     arr = const_array(node.inputs[index])
     if arr is None:
-        return f"bias {node.inputs[index].name!r} of {node.name!r} is not a constant"
+        return not_constant(node.inputs[index], f"bias {node.inputs[index].name!r} of "
+                            f"{node.name!r}")
     return arr.astype(np.float64)
 
 

@@ -31,6 +31,26 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     return None if tensor is None else tensor.numpy()
 
 
+_RANDOM = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
+           "Multinomial", "Bernoulli"}
+
+
+def computed_from_constants(value: ir.Value, limit: int = 256) -> bool:
+    """Whether a non-constant ``value`` is computed from constants only (no graph input, no
+    random op upstream): ``fold-constants`` would turn it into a constant."""
+    stack, seen = [value], set()
+    while stack:
+        v = stack.pop()
+        if v in seen or const_array(v) is not None:
+            continue
+        seen.add(v)
+        node = v.producer()
+        if node is None or node.op_type in _RANDOM or node.graph is None or len(seen) > limit:
+            return False
+        stack.extend(x for x in node.inputs if x is not None)
+    return True
+
+
 def dims(value: ir.Value) -> tuple[int | str, ...]:
     """Static-or-symbolic dims; refuses when the shape is unknown."""
     if value.shape is None:

@@ -263,7 +263,7 @@ def replace_unary(model: ir.Model, ctx, functions: dict[str, Callable[[np.ndarra
         if node.op_type == "Gelu" and node.attributes.get("approximate") is not None \
                 and node.attributes["approximate"].value == "tanh":
             f = functions.get("GeluTanh", f)
-        lo, hi, raw_lo, raw_hi = span(xs)
+        lo, hi, raw_lo, raw_hi = span(xs, ctx.margin(MARGIN))
         p = fit_on_data(f, xs, lo, hi, tol, degree)
         x = node.inputs[0]
         b.redirect(node.outputs[0], write_cheb(b.at(node, like=x), x, p))

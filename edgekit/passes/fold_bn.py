@@ -11,17 +11,24 @@ An inference BN is a per-channel affine on axis 1: ``y = s*x + t`` with ``s = γ
 3. else, with ``decompose`` (default), ``Mul(x, s) + t`` with constant per-channel vectors.
 
 Left alone, with the reason: training-mode BN (``training_mode=1`` or more than one output),
-non-constant parameters, ``spatial=0``. A fold is also refused when the weight it would
-rewrite is read by another node, or when the producer's output has other readers. Biases
-may be shared: the rewritten node gets a fresh bias initializer. The Mul+Add fallback lists
-why each fold was refused. Only the main graph is rewritten (not If/Loop bodies).
+non-constant parameters, ``spatial=0``. Parameters that are computed from constants but not
+yet constants (the onnx zoo builds every weight with ``ConstantOfShape``) are reported with
+the fix, ``--passes fold-constants,fold-bn``, rather than folded here: a pass never runs
+another pass, so there is one constant folder (fold-constants, with its onnxruntime fallback)
+and each rewrite keeps its own ledger entry. When any BatchNorm (or the neighbour it would
+fold into) is blocked that way the pass is refused with that message: after fold-constants
+every one folds exactly, where a partial fold now would leave Mul+Add behind. A fold is also
+refused when the weight it would rewrite is read by another node, or when the producer's
+output has other readers. Biases may be shared: the rewritten node gets a fresh bias
+initializer. The Mul+Add fallback lists why each fold was refused. Only the main graph is
+rewritten (not If/Loop bodies).
 """
 
 from __future__ import annotations
 
 import onnx_ir as ir
 
-from edgekit.passes._bn_utils import ChannelAffine, bn_scale_shift, fold_affine
+from edgekit.passes._bn_utils import FOLD_FIRST, ChannelAffine, bn_scale_shift, fold_affine
 from edgekit.passes._ir import Builder
 from edgekit.passes.core import Pass, PassContext, PassRefused, PassReport
 
@@ -39,6 +46,10 @@ def apply(model: ir.Model, ctx: PassContext, *, decompose: bool = True) -> PassR
             continue
         aff = ChannelAffine(bn.name, bn.inputs[0], bn.outputs[0], 1, *params, [bn])
         fold_affine(builder, aff, report, decompose)
+    blocked = sum(FOLD_FIRST in reason for _, reason in report.skipped)
+    if blocked:  # folding the constants first folds them exactly; a partial fold is worse
+        raise PassRefused(f"{blocked} of {len(bns)} BatchNormalization nodes are blocked by "
+                          f"values computed from constants (not yet constants): {FOLD_FIRST}")
     return report
 
 

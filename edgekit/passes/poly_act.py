@@ -32,5 +32,6 @@ PASS = Pass(
             "(HE-friendly)",
     exact=False,
     apply=apply,
+    fitted=True,
     budget=0.02,
 )

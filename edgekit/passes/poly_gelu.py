@@ -44,5 +44,6 @@ PASS = Pass(
     summary="GELU / Erf by a Chebyshev polynomial on the calibrated input range (HE-friendly)",
     exact=False,
     apply=apply,
+    fitted=True,
     budget=0.1,
 )

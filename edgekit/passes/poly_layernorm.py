@@ -40,7 +40,8 @@ def apply(model: ir.Model, ctx: PassContext, *, iters: int = -1, tol: float = 1e
             continue
         var = [x.var(axis=tuple(axes)) + eps for x in xs]
         raw = (min(float(v.min()) for v in var), max(float(v.max()) for v in var))
-        r = newton("rsqrt", raw[0] / margin, raw[1] * margin, tol, iters)
+        wide = ctx.margin(margin)
+        r = newton("rsqrt", raw[0] / wide, raw[1] * wide, tol, iters)
         if r.rel_error() > tol and iters < 0:
             report.skip(node.name, f"1/sqrt over the calibrated [{raw[0]:.3g}, {raw[1]:.3g}] "
                         f"needs more than {r.iters} Newton iterations")
@@ -68,5 +69,6 @@ PASS = Pass(
     summary="LayerNorm with 1/sqrt(var+eps) by calibrated Newton iterations (HE-friendly)",
     exact=False,
     apply=apply,
+    fitted=True,
     budget=0.02,
 )

@@ -26,6 +26,16 @@ multiplicative depth whose simulated output error on the calibration rows is wit
 (max abs error of the probabilities). Softmax inputs carrying an additive −∞-style mask are
 skipped: no polynomial covers them (mask multiplicatively instead). Each replaced Softmax is
 recorded in ``report.details`` with its calibrated range, degree, steps, iterations, depth.
+
+NaN guards. A standard transformers export (PyTorch's scaled-dot-product attention) follows
+each softmax ``p`` with ``Where(IsNaN(p), 0, p)``: a row masked entirely by −∞ gives
+exp(−∞)/Σexp(−∞) = 0/0 = NaN, which the guard turns into zeros. The polynomial form cannot
+produce that NaN: it has no exp and no division, only Add/Sub/Mul of the logits with finite
+constants, so for finite logits its output is NaN only if an intermediate overflows — and a
+row with a −∞ (or float-min) mask spans more than ``MAX_SPAN`` and is skipped, guard and
+all. So the guard of every replaced Softmax is dead code and is removed (rule
+``nan-guard``; ``IsNaN`` is a comparison, which HE cannot evaluate); overflow is left to the
+check, which rolls back any pass whose output turns non-finite where the original is finite.
 """
 
 from __future__ import annotations
@@ -35,7 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from edgekit.passes._ir import Builder, attr, dims, ensure_shapes
+from edgekit.passes._ir import Builder, attr, const_array, dims, ensure_shapes
 from edgekit.passes._poly import (
     Cheb,
     Newton,
@@ -85,20 +95,21 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 
 def design(rows: list[np.ndarray], tol: float, degree: int = -1, steps: int = -1,
-           iters: int = -1, subsample: bool = True) -> tuple[Design | None, float]:
+           iters: int = -1, subsample: bool = True, margin: float = 0.25
+           ) -> tuple[Design | None, float]:
     """Cheapest design whose simulated max abs error on ``rows`` is ≤ tol (or the best tried).
 
     The search runs on (up to) 8 of the samples; the chosen design is then checked on all.
     """
     if subsample and len(rows) > 8:
-        found, _ = design(rows[:: len(rows) // 8 + 1], tol, degree, steps, iters, False)
+        found, _ = design(rows[:: len(rows) // 8 + 1], tol, degree, steps, iters, False, margin)
         if found is not None:
-            full = design(rows, tol, found.exp.degree, found.k, iters, False)
+            full = design(rows, tol, found.exp.degree, found.k, iters, False, margin)
             if full[0] is not None and full[1] <= tol:
                 return full
     centred = [r - r.mean(-1, keepdims=True) for r in rows]
     ref = [_softmax(r) for r in rows]
-    lo, hi, _, _ = span(centred, 0.25)
+    lo, hi, _, _ = span(centred, margin)
     best: tuple[Design | None, float] = (None, float("inf"))
     for k in ([steps] if steps >= 0 else range(0, 9)):
         scale = 2.0 ** -k
@@ -159,12 +170,17 @@ def apply(model: ir.Model, ctx: PassContext, *, degree: int = -1, steps: int = -
             report.skip(node.name, f"its input spans {width:.3g} within a row (an additive "
                         "mask?); no polynomial covers that, mask by multiplication instead")
             continue
-        found, err = design(rows, tol, degree, steps, iters)
+        found, err = design(rows, tol, degree, steps, iters, margin=ctx.margin(0.25))
         if found is None or err > tol:
             report.skip(node.name, f"no design reached max abs error {tol:g} on the "
                         f"calibration rows (best {err:.3g}); raise tol, steps or degree")
             continue
+        guards = _nan_guards(node.outputs[0])
         folded = _emit(b, node, axis, found)
+        for where in guards:  # its condition is never true now: readers take p itself
+            b.redirect(where.outputs[0], where.inputs[2])
+        if guards:
+            report.change("nan-guard", len(guards))
         lo, hi, raw_lo, raw_hi = span(arrays)
         replaced[node.name] = {
             "calibrated_input": [round(raw_lo, 4), round(raw_hi, 4)],
@@ -178,10 +194,25 @@ def apply(model: ir.Model, ctx: PassContext, *, degree: int = -1, steps: int = -
                                  "iterations": found.final.iters},
             "depth": found.depth - (2 if folded else 0),
             "calibration_max_abs_error": err,
+            "nan_guards_removed": len(guards),
         }
         report.change("poly-softmax")
     report.details["replaced"] = replaced
     return report
+
+
+def _nan_guards(p: ir.Value) -> list[ir.Node]:
+    """The ``Where(IsNaN(p), c, p)`` nodes (``c`` a constant) reading the softmax output."""
+    guards = []
+    for use in p.uses():
+        if use.node.op_type != "IsNaN":
+            continue
+        for u in use.node.outputs[0].uses():
+            where = u.node
+            if (where.op_type == "Where" and u.idx == 0 and where.inputs[2] is p
+                    and const_array(where.inputs[1]) is not None):
+                guards.append(where)
+    return guards
 
 
 def _emit(b: Builder, node: ir.Node, axis: int, d: Design) -> bool:
@@ -218,5 +249,6 @@ PASS = Pass(
             "reciprocals (HE-friendly)",
     exact=False,
     apply=apply,
+    fitted=True,
     budget=0.05,
 )

@@ -59,7 +59,8 @@ def apply(model: ir.Model, ctx: PassContext, *, iters: int = -1, tol: float = 1e
         if raw[0] <= 0:
             report.skip(node.name, "a calibration row is all zeros (mean of x^p is 0)")
             continue
-        r = newton("recip", raw[0] / margin, raw[1] * margin, tol, iters)
+        wide = ctx.margin(margin)
+        r = newton("recip", raw[0] / wide, raw[1] * wide, tol, iters)
         at = b.at(node, like=x)
         u, base, k = None, x, p
         while k:
@@ -84,5 +85,6 @@ PASS = Pass(
             "(HE-friendly)",
     exact=False,
     apply=apply,
+    fitted=True,
     budget=1e-3,
 )

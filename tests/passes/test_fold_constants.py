@@ -34,8 +34,10 @@ def test_constant_of_shape_bn_params_fold_then_fold_bn_folds_into_conv():
               (("gamma", 1.5), ("beta", 0.25), ("mean", -0.5), ("var", 2.0))]
     model = g.model(g.node("BatchNormalization", [y, *params], "bn", epsilon=1e-3))
     _, alone = run_pass(model, fold_bn.PASS, fold_bn.PASS.params, samples(model))
-    assert alone.status == "unchanged"  # fold-bn alone sees no constant parameters
-    assert alone.report.skipped == [("bn", "parameter 'gamma' is not a constant")]
+    assert alone.status == "refused"  # fold-bn alone sees no constant parameters: says why
+    assert alone.report.skipped[0] == (
+        "bn", "parameter 'gamma' is computed from constants (ConstantOfShape) but not yet one: "
+              "run fold-constants first (--passes fold-constants,fold-bn)")
     new, ledger = run_pipeline(model, [(PASS, PASS.params), (fold_bn.PASS, fold_bn.PASS.params)],
                                samples(model))
     assert [r.status for r in ledger] == ["applied", "applied"]

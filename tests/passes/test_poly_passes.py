@@ -148,7 +148,7 @@ def test_power_softmax_becomes_powers_and_a_newton_reciprocal():
     entry = run.report.details["replaced"]["psoftmax"]
     assert entry["power"] == 4 and entry["reciprocal"]["iterations"] >= 1
     assert check(result.model).he_friendly
-    odd = api.rewrite(power_softmax_model(3), "power-softmax").ledger[0]
+    odd = api.rewrite(power_softmax_model(3), "power-softmax", calibration=calib).ledger[0]
     assert odd.status == "unchanged" and "even" in odd.report.skipped[0][1]
 
 
