@@ -31,19 +31,41 @@ def ort_runner(onnx_path: Path, inputs: dict[str, np.ndarray], threads: int):
     return lambda: sess.run(None, inputs)
 
 
-def torch_runner(source: dict, inputs: dict[str, np.ndarray], threads: int):
-    """Rebuild the source module from the manifest; None when it cannot be rebuilt."""
+def _torch_spec(source: dict, user_source: str | None) -> tuple[str | None, str]:
+    """Which model spec the torch baseline may build, or (None, why not). Code is imported
+    only from a file the user names (``user_source``): a manifest is data, and a ``.py`` it
+    names may have changed or be anyone's."""
+    from edgekit import graphs
+
+    if user_source:
+        return user_source, ""
+    kind, spec = source.get("kind"), source.get("spec")
+    if kind == "graph" and spec in graphs.available():
+        return spec, ""
+    if kind == "python":
+        return None, (f"the artifact was compiled from {spec}; edgekit imports no code an "
+                      "artifact names: pass --source FILE.py:factory to time torch")
+    what = "an ONNX file" if kind == "onnx" else f"not a known built-in graph ({spec!r})"
+    return None, f"source is {what} (pass --source FILE.py:factory to time torch)"
+
+
+def torch_runner(source: dict, inputs: dict[str, np.ndarray], threads: int,
+                 specs: Sequence = (), user_source: str | None = None):
+    """Build the source module (a built-in graph, or the user's ``--source``) with the
+    artifact's input shapes; (None, why) when it cannot be built."""
     import torch
 
     from edgekit.intake import load_torch
 
-    kind = source.get("kind")
-    if kind not in ("graph", "python"):
-        return None, "source is an ONNX file"
-    spec = source["spec"]
-    if kind == "python" and not Path(spec.rsplit(":", 1)[0]).is_file():
-        return None, f"source file {spec.rsplit(':', 1)[0]} is gone"
-    module = load_torch(spec, weights=source.get("weights")).module
+    spec, why = _torch_spec(source, user_source)
+    if spec is None:
+        return None, why
+    if ":" in spec and not Path(spec.rsplit(":", 1)[0]).is_file():
+        return None, f"source file {spec.rsplit(':', 1)[0]} is not found"
+    file, _, factory = spec.rpartition(":")
+    same = not user_source or f"{Path(file).resolve()}:{factory}" == source.get("spec")
+    weights = source.get("weights") if same else None  # the manifest's, for its own model
+    module = load_torch(spec, specs, weights=weights).module
     torch.set_num_threads(threads)
     args = tuple(torch.from_numpy(a) for a in inputs.values())
 
@@ -62,9 +84,13 @@ def profile_artifact(
     compare: Sequence[str] = (),
     threads: int | None = None,
     seed: int = 0,
+    source: str | None = None,
+    sha256: str | None = None,
 ) -> dict:
     """Measure an artifact (and baselines); returns the JSON-ready result, in the schema of
-    ``edgekit.report.schema`` (``duration="auto"``: until the median's CI is tight)."""
+    ``edgekit.report.schema`` (``duration="auto"``: until the median's CI is tight).
+    ``source``: ``FILE.py:factory`` for the torch baseline (a manifest's own is never
+    imported); ``sha256``: the artifact digest to insist on (``edgekit verify``)."""
     from edgekit.verify import TensorSpec, seeded_inputs
 
     unknown = set(compare) - set(ENGINES)
@@ -74,7 +100,7 @@ def profile_artifact(
     threads = threads or os.cpu_count() or 1
     runtime.set_threads(threads)
     t0 = time.perf_counter()
-    model = runtime.load(path)
+    model = runtime.load(path, sha256=sha256)
     load_ms = (time.perf_counter() - t0) * 1e3
     specs = [TensorSpec.from_dict(i) for i in model.inputs]
     inputs = seeded_inputs(specs, seed)
@@ -99,7 +125,8 @@ def profile_artifact(
         if engine == "ort":
             fn = ort_runner(Path(path) / ONNX_FILE, inputs, threads)
         else:
-            fn, why = torch_runner(model.manifest.get("source", {}), inputs, threads)
+            fn, why = torch_runner(model.manifest.get("source") or {}, inputs, threads, specs,
+                                   source)
             if fn is None:
                 notes.append(f"torch baseline skipped: {why}")
                 continue

@@ -23,6 +23,7 @@ import importlib.util
 import json
 import os
 import platform
+import struct
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -50,31 +51,257 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def read_manifest(path: str | Path, check_hashes: bool = True) -> dict[str, Any]:
-    """Read ``manifest.json`` and (by default) verify every listed file's digest."""
-    root = Path(path)
+# ---- the manifest's schema: every problem named, never a KeyError or TypeError later ----
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _tensor_problems(field: str, items: Any, min_dim: int) -> list[str]:
+    if not isinstance(items, list):
+        return [f"{field} must be a list"]
+    out = []
+    for i, t in enumerate(items):
+        where = f"{field}[{i}]"
+        if not isinstance(t, dict):
+            out.append(f"{where} must be an object")
+            continue
+        if not isinstance(t.get("name"), str):
+            out.append(f"{where}.name must be a string")
+        shape = t.get("shape")
+        if not (isinstance(shape, list) and all(_is_int(d) and d >= min_dim for d in shape)):
+            out.append(f"{where}.shape must be a list of integers >= {min_dim}")
+        try:
+            if not isinstance(t.get("dtype"), str):
+                raise TypeError
+            if min_dim >= 0:  # inputs and states are built and checked with numpy
+                np.dtype(t["dtype"])
+        except (TypeError, ValueError):
+            out.append(f"{where}.dtype must name a numpy dtype, not {t.get('dtype')!r}")
+        if t.get("high") is not None and not _is_int(t["high"]):
+            out.append(f"{where}.high must be an integer")
+    return out
+
+
+def _streaming_problems(s: Any) -> list[str]:
+    if not isinstance(s, dict):
+        return ["streaming must be an object"]
+    out = [f"streaming.{k} must be an integer >= 0" for k in ("chunk", "delay", "time_axis")
+           if (k in s or k != "time_axis") and not (_is_int(s.get(k)) and s[k] >= 0)]
+    out += [f"streaming.{k} must be a string" for k in ("frame_input", "frame_output")
+            if not isinstance(s.get(k), str)]
+    states = s.get("states")
+    if not isinstance(states, list) or not all(isinstance(st, dict) for st in states):
+        return [*out, "streaming.states must be a list of objects"]
+    out += _tensor_problems("streaming.states", [{**st, "name": st.get("input")}
+                                                 for st in states], 0)
+    for i, st in enumerate(states):
+        if not isinstance(st.get("output"), str):
+            out.append(f"streaming.states[{i}].output must be a string")
+        if not isinstance(st.get("init"), int | float) or isinstance(st.get("init"), bool):
+            out.append(f"streaming.states[{i}].init must be a number")
+    return out
+
+
+def manifest_problems(manifest: Any) -> list[str]:
+    """Every way ``manifest`` breaks the artifact schema (version 1), one line each."""
+    if not isinstance(manifest, dict):
+        return ["the manifest must be a JSON object"]
+    m, out = manifest, []
+    if m.get("schema_version") != SCHEMA_VERSION:
+        return [f"unsupported schema version {m.get('schema_version')!r}"]
+    files = m.get("files")
+    if not isinstance(files, dict) or LIBRARY not in files:
+        out.append(f"files must be an object of file name -> sha256 that lists {LIBRARY}")
+    else:
+        for name, digest in files.items():
+            if "/" in name or "\\" in name or name in ("", ".", "..", MANIFEST):
+                out.append(f"manifest lists a file outside the artifact: {name}")
+            if not (isinstance(digest, str) and len(digest) == 64 and set(digest) <= _HEX):
+                out.append(f"files[{name!r}] must be a sha256 (64 lowercase hex digits)")
+    target = m.get("target")
+    if not (isinstance(target, dict) and isinstance(target.get("name"), str)):
+        out.append("target must be an object with a string name")
+    else:
+        out += [f"target.{k} must be a string" for k in ("machine", "device")
+                if target.get(k) is not None and not isinstance(target[k], str)]
+    out += _tensor_problems("inputs", m.get("inputs"), 0)
+    out += _tensor_problems("outputs", m.get("outputs"), -1)
+    for key, kind in (("created", str), ("versions", dict), ("source", dict),
+                      ("verification", dict), ("passes", list), ("tuning", dict)):
+        if m.get(key) is not None and not isinstance(m[key], kind):
+            out.append(f"{key} must be a{'n' if kind is dict else ''} "
+                       f"{ {str: 'string', dict: 'object', list: 'list'}[kind]}")
+    src = m.get("source")
+    if isinstance(src, dict):
+        out += [f"source.{k} must be a string" for k in ("kind", "spec", "weights")
+                if src.get(k) is not None and not isinstance(src[k], str)]
+    if "streaming" in m:
+        out += _streaming_problems(m["streaming"])
+    return out
+
+
+# ---- the shared library's ELF header: refuse what would crash the loader ----
+
+_ELF_MACHINES = {"x86_64": (62, 64), "aarch64": (183, 64), "riscv64": (243, 64),
+                 "armv7l": (40, 32), "armv7": (40, 32), "arm": (40, 32), "i686": (3, 32)}
+
+
+def elf_problem(data: bytes, machine: str | None) -> str | None:
+    """Why ``data`` is not a complete little-endian shared library for ``machine``
+    (``platform.machine()`` spelling; None: any), or None. A library truncated after its
+    hash was recomputed would otherwise be mapped past its end and crash with SIGBUS."""
+    if data[:4] != b"\x7fELF" or len(data) < 52:
+        return "is not an ELF shared library"
+    bits = {1: 32, 2: 64}.get(data[4])
+    if bits is None or data[5] != 1:
+        return "is not a little-endian 32- or 64-bit ELF file"
+    if bits == 64 and len(data) < 64:
+        return "is truncated (ELF header)"
+    e_type, e_machine = struct.unpack_from("<HH", data, 16)
+    if e_type != 3:
+        return "is not an ELF shared object (ET_DYN)"
+    want = _ELF_MACHINES.get({"amd64": "x86_64", "arm64": "aarch64"}.get(
+        (machine or "").lower(), (machine or "").lower()))
+    if want and (e_machine, bits) != want:
+        return (f"is ELF machine {e_machine} ({bits}-bit), not {machine} "
+                f"({want[0]}, {want[1]}-bit)")
+    if bits == 64:
+        phoff, shoff = struct.unpack_from("<QQ", data, 32)
+        phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", data, 54)
+        word, ph_at, sh_at = "<Q", (8, 32), (24, 32)
+    else:
+        phoff, shoff = struct.unpack_from("<II", data, 28)
+        phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", data, 42)
+        word, ph_at, sh_at = "<I", (4, 16), (16, 20)
+    size = len(data)
+    if phoff + phnum * phentsize > size or shoff + shnum * shentsize > size:
+        return f"is truncated ({size} bytes; its headers reach past the end)"
+    for i in range(phnum):
+        at = phoff + i * phentsize
+        (p_type,) = struct.unpack_from("<I", data, at)
+        (offset,) = struct.unpack_from(word, data, at + ph_at[0])
+        (filesz,) = struct.unpack_from(word, data, at + ph_at[1])
+        if p_type == 1 and offset + filesz > size:  # PT_LOAD: mapped from the file
+            return f"is truncated ({size} bytes; a loadable segment ends at {offset + filesz})"
+    for i in range(shnum):
+        at = shoff + i * shentsize
+        (sh_type,) = struct.unpack_from("<I", data, at + 4)
+        (offset,) = struct.unpack_from(word, data, at + sh_at[0])
+        (sh_size,) = struct.unpack_from(word, data, at + sh_at[1])
+        if sh_type not in (0, 8) and offset + sh_size > size:  # NULL and NOBITS hold no bytes
+            return f"is truncated ({size} bytes; a section ends at {offset + sh_size})"
+    return None
+
+
+# ---- reading an artifact: one pass over exactly the bytes that will be used ----
+
+def _read_nofollow(path: Path) -> bytes:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
+
+
+def _check(root: Path, sha256: str | None, check_hashes: bool) -> tuple[dict, bytes | None]:
+    """The validated manifest and (with ``check_hashes``) the library's bytes, hashed."""
     if not root.is_dir():
         raise ArtifactError(f"{root} is not an edgekit artifact directory")
     try:
-        manifest = json.loads((root / MANIFEST).read_text())
+        raw = _read_nofollow(root / MANIFEST)
     except FileNotFoundError:
         raise ArtifactError(f"{root} has no {MANIFEST}: not an edgekit artifact") from None
+    except OSError as exc:
+        raise ArtifactError(f"{root / MANIFEST} cannot be read (a symlink is refused): "
+                            f"{exc.strerror or exc}") from None
+    digest = hashlib.sha256(raw).hexdigest()
+    if sha256 is not None and digest != sha256.strip().lower():
+        raise ArtifactError(f"{root}: artifact digest {digest} is not the pinned {sha256} "
+                            "(a different or modified artifact)")
+    try:
+        manifest = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{root / MANIFEST} is not valid JSON: {exc}") from None
-    version = manifest.get("schema_version") if isinstance(manifest, dict) else None
-    if version != SCHEMA_VERSION:
-        raise ArtifactError(f"{root / MANIFEST}: unsupported schema version {version}")
-    if check_hashes:
-        for name, digest in manifest.get("files", {}).items():
-            file = root / name
-            if Path(name).is_absolute() or ".." in Path(name).parts:
-                raise ArtifactError(f"manifest lists a file outside the artifact: {name}")
-            if not file.is_file():
-                raise ArtifactError(f"artifact file {name} is missing")
-            if sha256_file(file) != digest:
-                raise ArtifactError(f"artifact file {name} does not match its sha256 in the "
-                                    "manifest (modified or corrupted)")
-    return manifest
+    problems = manifest_problems(manifest)
+    if problems:
+        raise ArtifactError(f"{root / MANIFEST} is malformed: {'; '.join(problems)}")
+    if not check_hashes:
+        return manifest, None
+    files = manifest["files"]
+    present = set()
+    for entry in os.scandir(root):
+        if entry.is_symlink() or not entry.is_file(follow_symlinks=False):
+            raise ArtifactError(f"{root}: {entry.name} is a symlink or not a regular file; "
+                                "an artifact holds only the files its manifest lists")
+        present.add(entry.name)
+    unlisted = sorted(present - set(files) - {MANIFEST})
+    if unlisted:
+        raise ArtifactError(f"{root}: {unlisted[0]} is not listed in the manifest "
+                            "(added or tampered with)")
+    library = None
+    for name, want in files.items():
+        if name not in present:
+            raise ArtifactError(f"artifact file {name} is missing")
+        data = _read_nofollow(root / name) if name == LIBRARY else None
+        got = hashlib.sha256(data).hexdigest() if data is not None else sha256_file(root / name)
+        if got != want:
+            raise ArtifactError(f"artifact file {name} does not match its sha256 in the "
+                                "manifest (modified or corrupted)")
+        library = data if data is not None else library
+    problem = elf_problem(library, manifest["target"].get("machine"))
+    if problem:
+        raise ArtifactError(f"{root / LIBRARY} {problem}")
+    return manifest, library
+
+
+def manifest_digest(path: str | Path) -> str:
+    """The sha256 of ``manifest.json``: it lists every file's sha256, so it pins the whole
+    artifact (``edgekit verify`` prints it; ``load(path, sha256=...)`` checks it)."""
+    try:
+        return hashlib.sha256(_read_nofollow(Path(path) / MANIFEST)).hexdigest()
+    except OSError as exc:
+        raise ArtifactError(f"{path} has no readable {MANIFEST}: {exc.strerror or exc}") from None
+
+
+def read_manifest(path: str | Path, check_hashes: bool = True,
+                  sha256: str | None = None) -> dict[str, Any]:
+    """Read and validate ``manifest.json``; by default also check that the directory holds
+    exactly the listed files (no symlinks), each matching its digest, and that the library
+    is a complete ELF file for the target's machine. ``sha256``: the digest the manifest
+    must have (see ``manifest_digest``)."""
+    return _check(Path(path), sha256, check_hashes)[0]
+
+
+def _load_library(data: bytes) -> Any:
+    """Load a shared library from bytes already hashed, so a file replaced or rewritten
+    after the check cannot be what runs, and a reload of a replaced artifact gets the new
+    code. The dynamic loader reuses a loaded library when the name or the file (device and
+    inode) matches, so each load gets a fresh file under a fresh name. Linux: a sealed memfd
+    (an anonymous file, immune to a noexec /tmp) reached through a uniquely named symlink;
+    elsewhere a private temporary copy. Both are removed once loaded."""
+    import tempfile
+
+    loader = _func("ffi.Module.load_from_file.so")
+    with tempfile.TemporaryDirectory(prefix="edgekit-lib-") as d:
+        name = Path(d) / LIBRARY
+        if not hasattr(os, "memfd_create"):
+            name.write_bytes(data)
+            return loader(str(name), "so")
+        fd = os.memfd_create(LIBRARY, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            import fcntl
+
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+                        | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL)
+            name.symlink_to(f"/proc/self/fd/{fd}")
+            return loader(str(name), "so")
+        finally:
+            os.close(fd)
 
 
 @functools.cache
@@ -160,8 +387,12 @@ def _to_numpy(t: Any) -> np.ndarray:
 class CompiledModel:
     """A loaded artifact: ``run(inputs)`` with inputs checked against the manifest."""
 
-    def __init__(self, path: str | Path, manifest: dict[str, Any]):
+    def __init__(self, path: str | Path, manifest: dict[str, Any], library: bytes | None = None):
+        """``library``: the bytes of ``model.so`` already checked against the manifest (what
+        ``load`` passes); without it the artifact is read and checked here."""
         self.path = Path(path)
+        if library is None:
+            manifest, library = _check(self.path, None, True)
         self.manifest = manifest
         self.inputs: list[dict] = manifest["inputs"]
         self.outputs: list[dict] = manifest["outputs"]
@@ -182,8 +413,11 @@ class CompiledModel:
 
             register_ptx(self.path, manifest)  # load the artifact's PTX, not nvcc's output
         self.device = tvm_ffi.device("cuda" if cuda else "cpu", 0)
-        lib = tvm_ffi.load_module(str(self.path / LIBRARY))
-        self._vm = lib["vm_load_executable"]()
+        problem = elf_problem(library, machine)  # the manifest may name no machine
+        if problem:
+            raise ArtifactError(f"{self.path / LIBRARY} {problem}")
+        self._lib = _load_library(library)
+        self._vm = self._lib["vm_load_executable"]()
         # (device type, index, allocator) per device; the VM runs shape functions on the CPU
         devices = [self.device, *([tvm_ffi.device("cpu", 0)] if cuda else [])]
         self._vm["vm_initialization"](*(v for d in devices for v in
@@ -333,6 +567,10 @@ class StreamSession:
         return call
 
 
-def load(path: str | Path) -> CompiledModel:
-    """Load an artifact directory after checking its manifest and file digests."""
-    return CompiledModel(path, read_manifest(path))
+def load(path: str | Path, sha256: str | None = None) -> CompiledModel:
+    """Load an artifact directory after checking its manifest (schema, and ``sha256``, the
+    digest ``edgekit verify`` prints, when given), that it holds exactly the listed files with
+    their digests, and that its library is a complete ELF file for this machine. The library
+    runs from the bytes that were hashed, never from a second read of the file."""
+    manifest, library = _check(Path(path), sha256, True)
+    return CompiledModel(path, manifest, library)

@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 failure (one ``error: ...`` line; ``--debug`` shows the
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import click
@@ -34,9 +35,12 @@ class _Group(click.Group):
                 raise
             click.echo(f"error: {exc}", err=True)
             ctx.exit(1)
-        except KeyboardInterrupt:
-            click.echo("error: interrupted", err=True)
-            ctx.exit(130)
+        except KeyboardInterrupt as exc:  # SIGINT, or SIGTERM/SIGHUP via _terminated
+            # An object the interrupt caught half-built can fail in its __del__ later (TVM's
+            # TempDirectory without its temp_dir): noise after the one error line, not news.
+            sys.unraisablehook = lambda _unraisable: None
+            click.echo(f"error: {getattr(exc, 'why', 'interrupted')}", err=True)
+            ctx.exit(128 + getattr(exc, "signum", signal.SIGINT))
         except Exception as exc:  # a bug: say so in one line unless --debug
             if ctx.obj and ctx.obj.get("debug"):
                 raise
@@ -70,7 +74,25 @@ for command in (*commands.COMMANDS, *passes_cmd.COMMANDS, *run_cmd.COMMANDS,
     cli.add_command(command)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a CI cancel, ``docker stop``, ``timeout``) or SIGHUP, raised where Python runs
+    next, so that every ``finally`` and atexit hook (staging directories, TVM's temp
+    directories) cleans up exactly as for Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+        self.why = f"interrupted by {signal.Signals(signum).name}"
+
+
+def _terminated(signum: int, _frame: object) -> None:
+    raise _Terminated(signum)
+
+
 def main() -> None:
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) is signal.SIG_DFL:  # leave a parent's SIG_IGN (nohup) alone
+            signal.signal(sig, _terminated)
     cli.main(prog_name="edgekit")
 
 

@@ -1,4 +1,4 @@
-"""``edgekit run | profile | demo``."""
+"""``edgekit run | verify | profile | demo``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from edgekit import api
-from edgekit.cli._common import parse_named_arrays, print_json, progress, save_npz
+from edgekit.cli._common import parse_named_arrays, print_json, progress
 from edgekit.cli._gate import DURATION, Gate, gate_options
 from edgekit.cli._tables import latency_table, per_op_table
 from edgekit.errors import EdgekitError
@@ -15,14 +15,17 @@ from edgekit.errors import EdgekitError
 
 @click.command("run")
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--input", "inputs", multiple=True, metavar="NAME=FILE.npy", required=True,
-              help="An input array (repeatable).")
+@click.option("--input", "inputs", multiple=True, metavar="NAME=FILE.npy",
+              help="An input array (repeatable; none for a model without inputs).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Where to write the outputs (.npz).")
 @click.option("--stream", is_flag=True,
               help="Step artifact: feed the sequence frame by frame, keeping the state; write "
                    "every frame's output.")
-def run_cmd(artifact: Path, inputs: tuple[str, ...], output: Path, stream: bool) -> None:
+@click.option("--sha256", metavar="DIGEST",
+              help="Refuse the artifact unless its digest (edgekit verify) is DIGEST.")
+def run_cmd(artifact: Path, inputs: tuple[str, ...], output: Path, stream: bool,
+            sha256: str | None) -> None:
     """Run an artifact once on inputs from .npy files; write the outputs to an .npz.
 
     With --stream, ARTIFACT is a step artifact (edgekit export --streaming) and the input is
@@ -35,15 +38,44 @@ def run_cmd(artifact: Path, inputs: tuple[str, ...], output: Path, stream: bool)
       edgekit run step.edgekit --stream --input x=seq.npy -o out.npz
     """
     if stream:
+        if sha256:
+            api.verify_artifact(artifact, sha256)
         outputs, delay = api.run_stream(artifact, parse_named_arrays(inputs))
         if delay:
             click.echo(f"  delay {delay} frame(s): the last {delay} frame(s) need future input")
     else:
-        outputs = api.run(artifact, parse_named_arrays(inputs))
-    save_npz(output, outputs)
+        outputs = api.run(artifact, parse_named_arrays(inputs), sha256=sha256)
+    api.save_npz(output, outputs)
     for name, arr in outputs.items():
         click.echo(f"  {name}: {arr.dtype} {tuple(arr.shape)}")
     click.echo(f"wrote {output}")
+
+
+@click.command("verify")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--sha256", metavar="DIGEST", help="Fail unless the artifact's digest is DIGEST.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def verify_cmd(artifact: Path, sha256: str | None, as_json: bool) -> None:
+    """Check an artifact without running it and print its digest.
+
+    Checks the manifest's schema, that the directory holds exactly the files the manifest
+    lists (no symlinks) with their sha256, and that model.so is a complete shared library for
+    the target's machine. The digest is the sha256 of manifest.json, which lists every file's
+    sha256: pin it where the artifact is deployed (--sha256 here, on run and profile, or
+    edgekit.runtime.load(path, sha256=...)).
+
+    \b
+    Example:
+      edgekit verify cnn.edgekit
+      edgekit verify cnn.edgekit --sha256 3f7c...e1
+    """
+    result = api.verify_artifact(artifact, sha256)
+    if as_json:
+        print_json(result)
+        return
+    click.echo(f"{result['sha256']}  {artifact}")
+    click.echo(f"  ok: {len(result['files'])} file(s) match, target {result['target']}",
+               err=True)
 
 
 def _profile_options(fn):
@@ -79,12 +111,17 @@ def _engines(compare: str) -> list[str]:
 @click.option("--key", help="Device key on --tracker (see `edgekit devices`).")
 @click.option("--per-op", "per_op", is_flag=True,
               help="Also time every kernel and VM builtin and map kernels to ONNX nodes.")
+@click.option("--source", metavar="FILE.py:factory",
+              help="The torch model for --compare torch (an artifact's own .py source is "
+                   "never imported; built-in graphs need no --source).")
+@click.option("--sha256", metavar="DIGEST",
+              help="Refuse the artifact unless its digest (edgekit verify) is DIGEST.")
 @gate_options
 def profile_cmd(artifact: Path, warmup: int, repeat: int, duration: float | str | None,
                 threads: int | None, compare: str, as_json: bool, save: Path | None,
                 asserts: tuple[str, ...], baseline: Path | None,
                 max_regress: str | None, runner: str | None, tracker: str | None,
-                key: str | None, per_op: bool) -> None:
+                key: str | None, per_op: bool, source: str | None, sha256: str | None) -> None:
     """Measure an artifact's latency on this machine (or a device: --runner, --tracker).
 
     Prints min/mean/median/p90/p95/p99/max/std/CV and the first-run latency apart;
@@ -93,6 +130,7 @@ def profile_cmd(artifact: Path, warmup: int, repeat: int, duration: float | str 
     \b
     Example:
       edgekit profile cnn.edgekit --compare ort,torch --repeat 200
+      edgekit profile net.edgekit --compare torch --source net.py:make
       edgekit profile cnn.edgekit --duration auto --save run.json --assert "p99<20ms"
       edgekit profile cnn.edgekit --baseline run.json --max-regress 5%
       edgekit profile cnn-rpi4.edgekit --runner qemu
@@ -108,7 +146,7 @@ def profile_cmd(artifact: Path, warmup: int, repeat: int, duration: float | str 
         step("profiling")
         result = api.profile(artifact, warmup=warmup, repeat=repeat, duration=duration,
                              compare=_engines(compare), threads=threads, runner=runner,
-                             tracker=tracker, key=key)
+                             tracker=tracker, key=key, source=source, sha256=sha256)
         if per_op:
             step("per-op profiling")
             result.update(api.per_op(artifact, threads, min(warmup, 5), min(repeat, 50)))
@@ -145,4 +183,4 @@ def demo_cmd(model: str | None, target: str, out: Path, warmup: int, repeat: int
     click.echo(f"report: {result.report_path}")
 
 
-COMMANDS = (run_cmd, profile_cmd, demo_cmd)
+COMMANDS = (run_cmd, verify_cmd, profile_cmd, demo_cmd)
