@@ -5,7 +5,12 @@ A MODEL is one of:
 - ``path/to/file.py:factory``: ``factory()`` returns an ``nn.Module``; ``--weights`` loads a
   state dict with ``torch.load(weights_only=True)``; inputs come from ``--input`` or the
   file's ``INPUTS`` list;
-- ``path/to/model.onnx``: checked with ``onnx.checker`` and strict shape inference.
+- ``path/to/model.onnx``: its opsets checked against what onnx (and so TVM's frontend and
+  onnxruntime) knows, then ``onnx.checker`` and strict shape inference.
+
+``check_memory`` compares an estimate of the memory a model's run needs (from the inferred
+shapes) with the memory available, so an impossible size fails in a second with the sizes
+named instead of a ``MemoryError`` after a full TVM build.
 """
 
 from __future__ import annotations
@@ -81,6 +86,7 @@ def load_onnx(path: str | Path, overrides: Sequence[TensorSpec] = ()) -> onnx.Mo
         raise EdgekitError(f"{path} is not a readable ONNX model: {first_line(exc)}") from None
     if not model.graph.node and not model.graph.output:
         raise EdgekitError(f"{path} is not a readable ONNX model: it has an empty graph")
+    check_opsets(model, path)
     try:
         onnx.checker.check_model(model)
     except Exception as exc:
@@ -93,6 +99,101 @@ def load_onnx(path: str | Path, overrides: Sequence[TensorSpec] = ()) -> onnx.Mo
     except Exception as exc:
         raise EdgekitError(f"{path} fails ONNX shape inference: {first_line(exc)}") from None
     return model
+
+
+def check_opsets(model: onnx.ModelProto, path: str | Path) -> None:
+    """Refuse a default-domain (``ai.onnx``) opset that this onnx release does not define.
+
+    onnx's checker accepts any opset number and TVM's ONNX frontend picks, per op, the newest
+    converter at or below it, so an opset from the future (``99``) used to compile for minutes
+    and fail only in onnxruntime's check ("Opset 99 is under development"). onnxruntime's
+    supported range follows onnx's releases (onnxruntime 1.32 and onnx's newest: 28)."""
+    newest = onnx.defs.onnx_opset_version()
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx") and not 1 <= imp.version <= newest:
+            raise EdgekitError(
+                f"{path} declares ONNX opset {imp.version}; onnx {onnx.__version__} (and so "
+                f"TVM's importer and onnxruntime) know opsets 1 to {newest}: convert it with "
+                f"onnx.version_converter or re-export it with opset <= {newest}")
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes a run of a model needs, roughly: inputs + weights + the two largest other
+    tensors (one op's input and output alive at once). An estimate from ONNX shape inference:
+    TVM's memory planner may reuse more or less than that."""
+
+    inputs: int
+    weights: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.inputs + self.weights + self.activations
+
+
+def _tensor_bytes(value: onnx.ValueInfoProto) -> int:
+    """Bytes of a tensor with a fully known static shape, else 0."""
+    t = value.type.tensor_type
+    if not t.HasField("shape") or not t.elem_type:
+        return 0
+    n = 1
+    for d in t.shape.dim:
+        if not d.HasField("dim_value"):
+            return 0
+        n *= d.dim_value
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).itemsize
+    except (KeyError, ValueError, TypeError):
+        itemsize = 4
+    return n * itemsize
+
+
+def estimate_memory(model: onnx.ModelProto) -> MemoryEstimate:
+    """``MemoryEstimate`` of a shape-inferred model (see its docstring for what it counts)."""
+    import numpy as np
+
+    inits = {t.name for t in model.graph.initializer}
+    weights = sum(int(np.prod(t.dims, dtype=np.int64)) *
+                  onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+                  for t in model.graph.initializer if t.data_type)
+    inputs = sum(_tensor_bytes(v) for v in model.graph.input if v.name not in inits)
+    others = sorted((_tensor_bytes(v) for v in [*model.graph.value_info, *model.graph.output]),
+                    reverse=True)
+    return MemoryEstimate(inputs, weights, sum(others[:2]))
+
+
+def available_memory() -> int | None:
+    """``MemAvailable`` from ``/proc/meminfo`` in bytes; None where there is none (not Linux)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def check_memory(model: onnx.ModelProto, what: str = "running the model") -> MemoryEstimate:
+    """Raise ``EdgekitError`` when ``estimate_memory(model)`` exceeds the memory available now
+    (``/proc/meminfo`` MemAvailable), naming the sizes; return the estimate otherwise."""
+    est = estimate_memory(model)
+    free = available_memory()
+    if free is not None and est.total > free:
+        raise EdgekitError(
+            f"{what} needs an estimated {human_bytes(est.total)} (inputs "
+            f"{human_bytes(est.inputs)}, weights {human_bytes(est.weights)}, largest "
+            f"activations {human_bytes(est.activations)}; estimated from ONNX shape inference) "
+            f"but {human_bytes(free)} is available: give smaller shapes with --input")
+    return est
 
 
 def _fix_input_dims(model: onnx.ModelProto, overrides: Sequence[TensorSpec]) -> None:

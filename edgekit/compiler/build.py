@@ -3,7 +3,8 @@
 ``build`` schedules the kernels on CPU targets (``pipeline.prepare``) and runs ``tvm.compile``
 for the target dict; ``export_library`` links with the native compiler or the target's cross
 compiler and, for CUDA, writes PTX beside the library (``edgekit.devices.cuda``);
-``check_library`` runs the linked library on seeded inputs against onnxruntime.
+``check_library`` runs the linked library on seeded inputs against onnxruntime, then with
+NaN, +-Inf and +-1e30 written into each float input (the rule is in its docstring).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from edgekit import verify
@@ -59,18 +61,67 @@ def export_library(executable, target: Target, path: Path) -> None:
         write_ptx(executable, target, path.parent)
 
 
+# The values the non-finite check writes into one element of one float input at a time.
+NONFINITE_PROBES = (float("nan"), float("inf"), float("-inf"), 1e30, -1e30)
+
+
 def check_library(library: Path, model: onnx.ModelProto, specs: Sequence[TensorSpec],
                   outputs: Sequence[TensorSpec], target: Target, atol: float,
                   rtol: float) -> list[Comparison]:
-    """Run the linked ``library`` (on this machine) once on seeded inputs and compare each of
-    ``outputs`` with onnxruntime's run of ``model``."""
+    """Run the linked ``library`` (on this machine) on seeded inputs and compare each of
+    ``outputs`` with onnxruntime's run of ``model`` (returned, for the caller's tolerance
+    verdict); then run it on non-finite inputs and raise ``EdgekitError`` where it handles
+    them differently from onnxruntime.
+
+    The non-finite rule: for every float input in turn (integer inputs, token ids and masks,
+    stay seeded and in range), its first element (flat index 0) is set to NaN, +Inf, -Inf,
+    +1e30 and -1e30, one at a time, the other inputs seeded. For each such input and each
+    float output, the elements that are NaN, +Inf and -Inf must be exactly the ones that are
+    NaN, +Inf and -Inf in onnxruntime's output: nothing NaN is swallowed (relu, clip, max, min
+    are NaN-propagating, ``compiler.nan_propagation``), nothing finite turns non-finite.
+    Finite elements are not compared there (a 1e30 input makes tolerance meaningless). The
+    first element, because onnxruntime's max/min reductions keep a NaN only when it comes
+    first; elsewhere they drop it while the library keeps it."""
     import tvm
     from tvm import relax
 
-    inputs = verify.seeded_inputs(specs, seed=0)
-    ref = verify.run_ort(model, inputs)
     device = tvm.cuda() if target.device == "cuda" else tvm.cpu()
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), device)
-    result = vm["main"](*(tvm.runtime.tensor(a, device) for a in inputs.values()))
-    got = [result.numpy()] if hasattr(result, "numpy") else [t.numpy() for t in result]
-    return verify.compare([o.name for o in outputs], got, ref, atol, rtol)
+
+    def run(inputs):
+        result = vm["main"](*(tvm.runtime.tensor(a, device) for a in inputs.values()))
+        return [result.numpy()] if hasattr(result, "numpy") else [t.numpy() for t in result]
+
+    session = verify.ort_session(model)
+    inputs = verify.seeded_inputs(specs, seed=0)
+    comparisons = verify.compare([o.name for o in outputs], run(inputs),
+                                 verify.run_ort(session, inputs), atol, rtol)
+    for spec in specs:
+        if np.dtype(spec.dtype).kind != "f" or not np.prod(spec.shape):
+            continue
+        for value in NONFINITE_PROBES:
+            probe = {k: v.copy() for k, v in inputs.items()}
+            probe[spec.name].reshape(-1)[0] = value
+            for out, got, ref in zip(outputs, run(probe), verify.run_ort(session, probe),
+                                     strict=True):
+                problem = nonfinite_mismatch(np.asarray(got), np.asarray(ref))
+                if problem:
+                    raise EdgekitError(
+                        f"compiled model handles {spec.name}[0] = {value:g} differently from "
+                        f"onnxruntime: output {out.name!r} {problem}; nothing written")
+    return comparisons
+
+
+def nonfinite_mismatch(got: np.ndarray, ref: np.ndarray) -> str:
+    """'' when ``got`` has NaN, +Inf and -Inf exactly where ``ref`` does (float outputs;
+    others always agree), else what differs, e.g. 'is not NaN at 12 element(s) where
+    onnxruntime is'."""
+    if got.dtype.kind != "f" or ref.dtype.kind != "f" or got.shape != ref.shape:
+        return ""
+    for test, what in ((np.isnan, "NaN"), (np.isposinf, "+Inf"), (np.isneginf, "-Inf")):
+        g, r = test(got), test(ref)
+        if (r & ~g).any():
+            return f"is not {what} at {int((r & ~g).sum())} element(s) where onnxruntime is"
+        if (g & ~r).any():
+            return f"is {what} at {int((g & ~r).sum())} element(s) where onnxruntime is not"
+    return ""

@@ -9,7 +9,8 @@ Steps of ``to_relax``:
    node names, before trying (one ``EdgekitError``);
 3. TVM's ONNX import with static input shapes;
 4. ``relax_rewrites``: one ``tvm.transform.Sequential`` of edgekit's Relax module passes, in
-   order ``BoundedTake``, ``FastMath``, ``SplitGroupedConvs``, ``ChannelsLast`` (each module
+   order ``BoundedTake``, ``FastMath``, ``SplitGroupedConvs``, ``ChannelsLast``,
+   ``PropagateNaN`` (each module
    of this package says what it rewrites and why TVM's own pass was not enough).
 """
 
@@ -92,16 +93,18 @@ def _replace(graph: ir.Graph, old: ir.Node, new: list[ir.Node]) -> None:
 def relax_rewrites(progress: Progress = no_progress):
     """edgekit's Relax module passes, in the order ``to_relax`` runs them: Gather in clip mode,
     fast float32 math, narrow grouped convs split per group (which needs NCHW, so before the
-    layout change), then 2-D convs in NHWC."""
+    layout change), 2-D convs in NHWC, then NaN-propagating relu/clip/max/min (last: the
+    layout pass follows ``nn.relu`` and ``clip`` through, not the kernels they become)."""
     import tvm
 
     from edgekit.compiler.bounded_take import BoundedTake
     from edgekit.compiler.channels_last import ChannelsLast
     from edgekit.compiler.fast_math import FastMath
     from edgekit.compiler.grouped_conv import SplitGroupedConvs
+    from edgekit.compiler.nan_propagation import PropagateNaN
 
     return tvm.transform.Sequential(
-        [BoundedTake(), FastMath(), SplitGroupedConvs(), ChannelsLast(progress)],
+        [BoundedTake(), FastMath(), SplitGroupedConvs(), ChannelsLast(progress), PropagateNaN()],
         name="edgekit.RelaxRewrites")
 
 
