@@ -1,18 +1,16 @@
-"""Shared CLI pieces: input-spec options, progress display, JSON printing, .npy/.npz I/O."""
+"""Shared CLI pieces: input-spec options, progress display, JSON printing, NAME=FILE.npy inputs."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import sys
-from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
 
 from edgekit import api
-from edgekit.errors import EdgekitError
 
 
 def input_specs(values: tuple[str, ...]) -> list[api.TensorSpec]:
@@ -55,32 +53,11 @@ def print_json(data: Any) -> None:
 
 
 def parse_named_arrays(values: tuple[str, ...]) -> dict:
-    """``name=path.npy`` pairs -> arrays (loaded without pickle)."""
-    import numpy as np
-
+    """``name=path.npy`` pairs -> arrays (headers checked, loaded without pickle)."""
     out = {}
     for v in values:
         name, sep, path = v.partition("=")
         if not sep or not name or not path:
             raise click.BadParameter(f"{v!r}: expected NAME=FILE.npy", param_hint="--input")
-        try:
-            out[name] = np.load(path, allow_pickle=False)
-        except FileNotFoundError:
-            raise EdgekitError(f"input file not found: {path}") from None
-        except (ValueError, OSError, EOFError) as exc:
-            raise EdgekitError(f"cannot read {path}: not a .npy array "
-                               f"({type(exc).__name__})") from None
+        out[name] = api.load_npy(path)
     return out
-
-
-def save_npz(path: Path, arrays: Mapping[str, Any]) -> None:
-    """Write ``arrays`` to an ``.npz`` atomically (temp file, then rename)."""
-    import numpy as np
-
-    tmp = path.with_name(f".{path.name}.tmp.npz")
-    try:
-        np.savez(tmp, **arrays)
-        tmp.replace(path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise EdgekitError(f"cannot write {path}: {exc.strerror or exc}") from None

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from edgekit import api
-from edgekit.cli._common import parse_named_arrays, print_json, save_npz
+from edgekit.cli._common import parse_named_arrays, print_json
 
 _plain_option = click.option(
     "--plain", "plain", multiple=True, metavar="INPUT",
@@ -76,7 +76,7 @@ def he_run_cmd(onnx_file: Path, inputs: tuple[str, ...], plain: tuple[str, ...],
     """
     result = api.he_run(onnx_file, parse_named_arrays(inputs), plain, scale_bits, packed, trace)
     if output is not None:
-        save_npz(output, result.outputs)
+        api.save_npz(output, result.outputs)
     if as_json:
         print_json(result.to_dict())
         return
