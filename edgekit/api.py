@@ -8,6 +8,7 @@ can be done from here, and ``edgekit.cli`` imports nothing else from edgekit but
     profile()   artifact -> latency statistics (+ onnxruntime / torch baselines)
     per_op()    artifact -> time of every kernel, mapped to ONNX nodes
     run()       artifact + inputs -> outputs
+    verify_artifact()  artifact -> checked, and its digest (to pin with --sha256)
     demo()      export -> compile -> profile a built-in model, report.json
     he_check()  ONNX -> HE-friendliness, multiplicative depth
     he_run()    ONNX + inputs -> CKKS run, errors against onnxruntime
@@ -27,6 +28,7 @@ import numpy as np
 import onnx
 
 from edgekit import intake, verify
+from edgekit.arrays import load_npy, load_npz, save_npz
 from edgekit.errors import EdgekitError
 from edgekit.graphs import DEFAULT as DEFAULT_GRAPH
 from edgekit.report.compare import (
@@ -54,10 +56,11 @@ __all__ = [
     "DemoResult", "ExportResult", "RewriteResult", "RunnerBuild", "TensorSpec",
     "build_runner", "check_assertion", "check_regression", "compare_runs", "compile", "demo",
     "environment_differences", "export", "export_streaming", "he_check", "he_run",
-    "list_devices", "list_graphs", "list_passes", "list_targets", "load_calibration",
-    "load_run", "parse_assertion", "parse_duration", "parse_input_spec", "parse_percent",
-    "per_op", "profile", "rewrite", "run", "run_stream", "save_run", "serve_device",
-    "serve_tracker", "tune", "write_report",
+    "list_devices", "list_graphs", "list_passes", "list_targets", "load_calibration", "load_npy",
+    "load_npz", "load_run", "parse_assertion", "parse_duration", "parse_input_spec",
+    "parse_percent", "per_op", "profile", "rewrite", "run", "run_stream", "save_npz", "save_run",
+    "serve_device",
+    "serve_tracker", "tune", "verify_artifact", "write_report",
 ]
 
 Progress = Callable[[str], None]
@@ -153,11 +156,15 @@ def rewrite(
     calibration: Mapping[str, np.ndarray] | str | Path | None = None,
     progress: Progress = _quiet,
     out: str | Path | None = None,
+    strict: bool = False,
 ) -> RewriteResult:
     """Apply ``passes`` ("a,b:key=value,...") in order, each checked; failed ones roll back.
 
     ``model`` is a model or an ONNX file (``inputs`` fix its input shapes), ``calibration``
-    arrays or an ``.npz`` of them; the result is written to ``out`` when given."""
+    arrays or an ``.npz`` of them, or ``"seeded"``: polynomial (fitted) passes then fit seeded
+    inputs with widened ranges; without calibration they are refused. The result is written to
+    ``out`` when given. ``strict``: a refused or rolled-back pass raises ``EdgekitError``
+    naming it, and nothing is written."""
     from edgekit import flops
     from edgekit.export import save_onnx
     from edgekit.passes import available
@@ -165,12 +172,19 @@ def rewrite(
 
     if not isinstance(model, onnx.ModelProto):
         model = intake.load_onnx(model, inputs)
-    if isinstance(calibration, (str, Path)):
+    mode = "samples" if calibration is not None else "none"
+    if isinstance(calibration, str) and calibration == "seeded":
+        mode, calibration = "seeded", None
+    elif isinstance(calibration, (str, Path)):
         calibration = load_calibration(calibration)
     plan = parse_pass_list(passes, available())
     samples = load_samples(model, inputs, calibration)
     ops_before, flops_before = op_counts(model), flops.try_count(model)
-    rewritten, ledger = run_pipeline(model, plan, samples, progress)
+    rewritten, ledger = run_pipeline(model, plan, samples, progress, mode)
+    failed = [r for r in ledger if r.status in ("refused", "rolled-back")]
+    if strict and failed:
+        raise EdgekitError("strict: " + "; ".join(
+            f"{r.name} was {r.status}: {r.message}" for r in failed) + "; nothing written")
     if out is not None:
         save_onnx(rewritten, out)
     return RewriteResult(rewritten, ledger, ops_before, op_counts(rewritten), flops_before,
@@ -178,16 +192,8 @@ def rewrite(
 
 
 def load_calibration(path: str | Path) -> dict[str, np.ndarray]:
-    """Read a ``.npz`` of calibration inputs (safely: no pickled objects)."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    except FileNotFoundError:
-        raise EdgekitError(f"calibration file not found: {path}") from None
-    except (ValueError, OSError, EOFError) as exc:
-        # np.load reports a non-archive as "pickled data"; say what was expected instead
-        raise EdgekitError(f"cannot read calibration data {path}: not an .npz archive of "
-                           f"arrays ({type(exc).__name__})") from None
+    """Read a ``.npz`` of calibration inputs (headers checked first, no pickled objects)."""
+    return load_npz(path, "calibration")
 
 
 @dataclass
@@ -215,7 +221,10 @@ def compile(  # noqa: A001 - the verb users expect
     """Compile an ONNX file for ``target`` into an artifact directory ``out``.
 
     For targets that run on this machine the compiled library is run against onnxruntime on
-    seeded inputs; if any output differs beyond tolerance nothing is written.
+    seeded inputs, then on inputs with NaN, +-Inf and +-1e30 (NaN and Inf must land where
+    onnxruntime's do); if any output differs nothing is written. Before anything slow, the
+    opset is checked and the estimated memory of inputs, weights and activations is compared
+    with the memory available (``intake.check_memory``).
     CPU targets: ``tune`` runs MetaSchedule first (``trials`` / ``tune_minutes`` budget);
     records in the tuning database (``tuning_db``, default per target under the user's
     cache) are applied whether or not this call tunes (see ``edgekit.compiler.tune``)."""
@@ -224,6 +233,8 @@ def compile(  # noqa: A001 - the verb users expect
 
     tgt = load_target(target)
     model = intake.load_onnx(onnx_path, inputs)
+    if tgt.runs_on_host or passes:  # onnxruntime and the library run it here: sizes first
+        intake.check_memory(model, f"checking {Path(onnx_path).name} on this machine")
     streaming = _streaming_manifest(model)  # step graphs from `export --streaming`
     specs = verify.onnx_input_specs(model, inputs)
     source_hash = runtime.sha256_file(Path(onnx_path))
@@ -292,14 +303,31 @@ def _output_specs(model: onnx.ModelProto) -> list[TensorSpec]:
     return out
 
 
-def run(artifact_path: str | Path, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Load an artifact and run it once."""
+def run(artifact_path: str | Path, inputs: Mapping[str, np.ndarray],
+        sha256: str | None = None) -> dict[str, np.ndarray]:
+    """Load an artifact (pinned to ``sha256`` when given, see ``verify``) and run it once."""
     from edgekit import runtime
 
     try:
-        return runtime.load(artifact_path).run(dict(inputs))
+        return runtime.load(artifact_path, sha256=sha256).run(dict(inputs))
     except (runtime.ArtifactError, ValueError) as exc:
         raise EdgekitError(str(exc)) from None
+
+
+def verify_artifact(artifact_path: str | Path, sha256: str | None = None) -> dict[str, Any]:
+    """Check an artifact without running it (manifest schema, exactly the listed files with
+    their sha256, a complete ELF library for the target's machine) and return its digest:
+    the sha256 of ``manifest.json``, which pins every file (``sha256``: the digest it must
+    have). Returns ``{"path", "sha256", "target", "files"}``."""
+    from edgekit import runtime
+
+    try:
+        manifest = runtime.read_manifest(artifact_path, sha256=sha256)
+        digest = runtime.manifest_digest(artifact_path)
+    except runtime.ArtifactError as exc:
+        raise EdgekitError(str(exc)) from None
+    return {"path": str(artifact_path), "sha256": digest, "target": manifest["target"]["name"],
+            "files": manifest["files"]}
 
 
 def run_stream(artifact_path: str | Path,
@@ -335,6 +363,9 @@ def profile(artifact_path: str | Path, runner: str | None = None, tracker: str |
     if runner or tracker or key:
         from edgekit.devices import profile_on_device
 
+        if kwargs.pop("source", None) or kwargs.pop("sha256", None):
+            raise EdgekitError("--source and --sha256 apply to profiling in this process, "
+                               "not with --runner or --tracker")
         return profile_on_device(artifact_path, runner, tracker, key, **kwargs)
     try:
         result = profile_artifact(artifact_path, **kwargs)
@@ -369,10 +400,21 @@ def tune(onnx_path: str | Path, target: str = "host", inputs: Sequence[TensorSpe
     """Tune the model's kernels with MetaSchedule on this machine (``target`` must run here)
     into the per-target tuning database; no artifact is written. Later compiles for the
     target apply the records to every model sharing a kernel. Returns the session's numbers
-    (tasks, trials, seconds, cost model, kernels with records, database)."""
+    (tasks, tasks_tuned: kernels that got measured candidates, trials, seconds, cost model,
+    kernels with records, records_skipped: bad database lines passed over, database)."""
     from edgekit.compiler import tune_model
 
     return tune_model(onnx_path, target, inputs, trials, tune_minutes, tuning_db, progress)
+
+
+def repair_tuning_db(target: str = "host", tuning_db: str | Path | None = None
+                     ) -> dict[str, Any]:
+    """Rewrite the target's tuning database without its torn or foreign lines (under its lock,
+    each file replaced atomically). Returns db, removed (one line per bad line), workloads,
+    records (what is kept)."""
+    from edgekit.compiler.pipeline import repair_db
+
+    return repair_db(target, tuning_db)
 
 
 @dataclass
@@ -454,28 +496,38 @@ def list_passes() -> dict[str, Pass]:
 
 
 def serve_tracker(host: str = "127.0.0.1", port: int = 9190,
-                  announce: Progress = print) -> None:
+                  announce: Progress = print, secret: str | None = None,
+                  warn: Progress | None = None) -> None:
     """Run TVM's RPC tracker until interrupted: devices register with it, profiles ask it
-    for a device by key. ``port`` is the first of 11 ports tried."""
+    for a device by key. ``port`` is the first of 11 ports tried. With ``secret`` (default
+    ``$EDGEKIT_FARM_SECRET``) only holders of it may list, lease or register devices;
+    ``warn`` gets the warning about a non-loopback ``host`` (default: stderr)."""
     from edgekit.devices import farm
 
-    farm.serve_tracker(host, port, announce=announce)
+    farm.serve_tracker(host, port, announce=announce, secret=secret,
+                       **({"warn": warn} if warn else {}))
 
 
 def serve_device(key: str, tracker: str = "127.0.0.1:9190", host: str = "127.0.0.1",
-                 port: int = 9090, announce: Progress = print) -> None:
+                 port: int = 9090, announce: Progress = print, secret: str | None = None,
+                 warn: Progress | None = None) -> None:
     """Serve this machine as a device (TVM's RPC server) registered with ``tracker``
-    (HOST:PORT) under ``key``, until interrupted."""
+    (HOST:PORT) under ``key``, until interrupted. It runs uploaded code: with ``secret``
+    (default ``$EDGEKIT_FARM_SECRET``) only for clients that prove they hold it; ``warn``
+    gets the warning about a non-loopback ``host`` (default: stderr)."""
     from edgekit.devices import farm
 
-    farm.serve_device(key, tracker, host, port, announce=announce)
+    farm.serve_device(key, tracker, host, port, announce=announce, secret=secret,
+                      **({"warn": warn} if warn else {}))
 
 
-def list_devices(tracker: str = "127.0.0.1:9190") -> list[dict[str, Any]]:
-    """The devices registered with ``tracker`` by key: free, pending, total, addresses."""
+def list_devices(tracker: str = "127.0.0.1:9190",
+                 secret: str | None = None) -> list[dict[str, Any]]:
+    """The devices registered with ``tracker`` by key: free, pending, total, addresses
+    (``secret`` defaults to ``$EDGEKIT_FARM_SECRET``)."""
     from edgekit.devices import farm
 
-    return farm.list_devices(tracker)
+    return farm.list_devices(tracker, secret)
 
 
 @dataclass

@@ -3,6 +3,7 @@
     prepare(mod, target, request)   lower -> tune if asked -> apply records -> default
                                     schedules (``build.build`` calls it for CPU targets)
     tune_model(onnx_path, target)   ``edgekit tune``: import, lower, tune; no artifact
+    repair_db(target, db)           ``edgekit tune --repair``: drop the database's bad lines
     lower(mod, tvm_target)          Relax -> legalized, fused TIR kernels (what is tuned and
                                     what the tuning database is keyed on)
 """
@@ -16,7 +17,7 @@ from edgekit.compiler.progress import Progress, no_progress
 from edgekit.compiler.schedules import apply_default
 from edgekit.compiler.tune import TuningRequest, tune
 from edgekit.compiler.tune_check import apply_database
-from edgekit.compiler.tuning_db import db_dir
+from edgekit.compiler.tuning_db import db_dir, repair
 from edgekit.targets import Target
 
 
@@ -60,13 +61,14 @@ def prepare(mod, target: Target, request: TuningRequest | None = None,
         stats = tune(mod, target, db, request.trials, request.minutes, progress)
         info.update(tuned=True, **stats.to_dict())
     progress("applying tuning records")
-    mod, counts = apply_database(mod, tvm_target, db)
+    mod, counts = apply_database(mod, tvm_target, db, quiet=request.tune)
     progress("default schedules")
     mod, scheduled = apply_default(mod, tvm_target)
     # records_rejected: kernels with a record that use the default schedule, which the
     # check measured faster; records_unchecked: records applied without such a check
     info.update(records_applied=counts.applied, records_rejected=counts.rejected,
-                records_unchecked=counts.unchecked, default_schedules=scheduled)
+                records_unchecked=counts.unchecked, default_schedules=scheduled,
+                records_skipped=counts.skipped)
     return mod, info
 
 
@@ -85,6 +87,16 @@ def tune_model(onnx_path: str | Path, target: str, inputs=(), trials: int | None
     mod = lower(to_relax(model, specs, progress), tgt.tvm_target())
     path = db_dir(tgt, db)
     stats = tune(mod, tgt, path, trials, minutes, progress)
-    _, counts = apply_database(mod, tgt.tvm_target(), path)
+    _, counts = apply_database(mod, tgt.tvm_target(), path, quiet=True)
     return {**stats.to_dict(), "kernels": kernel_count(mod), "kernels_with_records":
             counts.applied, "target": tgt.name}
+
+
+def repair_db(target: str, db: str | Path | None = None) -> dict[str, Any]:
+    """``edgekit tune --repair``: rewrite the database without its bad lines."""
+    from edgekit.targets import load_target
+
+    path = db_dir(load_target(target), db)
+    kept = repair(path)
+    return {"db": str(path), "removed": [str(b) for b in kept.bad],
+            "workloads": len(kept.workload_lines), "records": len(kept.record_lines)}

@@ -3,7 +3,9 @@
 Why: TVM's default CPU pipeline does no scheduling, so untuned kernels are far slower than
 onnxruntime. MetaSchedule searches schedules per kernel ("task", one fused PrimFunc) by
 measuring candidates on this machine, guided by an xgboost cost model. Records go into the
-per-target database (``tuning_db``), where any later compile that shares a kernel finds them.
+per-target database (``tuning_db``), where any later compile that shares a kernel finds them;
+each record is written through to the files as it is measured, under the database's lock, so
+concurrent sessions share the files and a killed one loses only its unmeasured candidates.
 
 Which kernel is tuned next, and how a ``--tune-minutes`` budget ends the session:
 ``tune_budget``. Tuning never makes a kernel slower than edgekit's default schedule: see
@@ -22,7 +24,7 @@ import platform
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,7 @@ from edgekit.compiler.progress import Progress, no_progress
 from edgekit.compiler.schedules import SCHEDULED
 from edgekit.compiler.tune_budget import Budget
 from edgekit.compiler.tune_check import build_kernel, check_records
-from edgekit.compiler.tuning_db import open_database
+from edgekit.compiler.tuning_db import read, report, shared_database
 from edgekit.errors import EdgekitError, last_line
 from edgekit.targets import Target
 
@@ -46,9 +48,11 @@ class TuneStats:
     budget_minutes: float | None
     cost_model: str
     db: str
-    tasks_tuned: int = 0  # kernels measured at least once (a short time budget may end first)
+    tasks_tuned: int = 0  # kernels with at least one candidate measured without error
+    tasks_sent: int = 0  # kernels given at least one batch (a batch may fail to build or run)
     records_kept: int = 0  # kernels whose record beat the default schedule
     records_rejected: int = 0  # kernels whose default schedule was as fast or faster
+    records_skipped: list[str] = field(default_factory=list)  # bad database lines passed over
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,7 +106,13 @@ def tune(
     else:  # the clock is the budget
         per_task, total = 10_000, 10_000 * len(tasks)
     cost_model = _cost_model()
-    database = open_database(db)
+    try:
+        db.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EdgekitError(f"cannot use tuning database {db}: {exc.strerror or exc}") from None
+    contents = read(db)  # bad lines are skipped, reported once here and in the stats
+    report(db, contents.bad)
+    database = shared_database(db, contents.database)
     budget = Budget(total, minutes, progress)
     progress(f"tuning {len(tasks)} kernels, {total if trials or not minutes else '∞'} trials")
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
@@ -122,10 +132,12 @@ def tune(
         except Exception as exc:
             raise EdgekitError(f"MetaSchedule tuning failed: {last_line(exc)}") from exc
     kept, rejected = check_records(mod, tvm_target, db, progress)
-    return TuneStats(tasks=len(tasks), tasks_tuned=len(budget.batches), trials=budget.done,
+    return TuneStats(tasks=len(tasks), tasks_tuned=len(budget.best),
+                     tasks_sent=len(budget.batches), trials=budget.done,
                      seconds=round(time.perf_counter() - budget.t0, 1), budget_trials=trials,
                      budget_minutes=minutes, cost_model=cost_model, db=str(db),
-                     records_kept=kept, records_rejected=rejected)
+                     records_kept=kept, records_rejected=rejected,
+                     records_skipped=[str(b) for b in contents.bad])
 
 
 @contextlib.contextmanager

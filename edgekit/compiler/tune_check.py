@@ -19,31 +19,34 @@ from __future__ import annotations
 
 import json
 import math
-import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edgekit.compiler.progress import Progress, no_progress
 from edgekit.compiler.schedules import SCHEDULED, apply_default, scheduled_count
-from edgekit.compiler.tuning_db import has_records, open_database
+from edgekit.compiler.tuning_db import has_records, locked, read, report, write_atomic
 from edgekit.errors import last_line
 
 _CHECKS = "edgekit_default_check.json"
 
 
-def apply_database(mod, tvm_target, db: Path):
+def apply_database(mod, tvm_target, db: Path, quiet: bool = False):
     """Replace kernels that have a record in ``db``, except those whose check found the default
-    schedule faster. Returns (module, ``ApplyCounts``)."""
+    schedule faster. Returns (module, ``ApplyCounts``). Bad database lines are skipped, counted
+    and (unless ``quiet``: a tuning session already said so) reported."""
     import tvm
     from tvm import relax
 
     if not has_records(db):
         return mod, ApplyCounts()
     before = scheduled_count(mod)
-    database = open_database(db)
+    contents = read(db)
+    if not quiet:
+        report(db, contents.bad)
+    database = contents.database
     with tvm_target, database, tvm.transform.PassContext(opt_level=3):
         out = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
-    checks, counts = load_checks(db), ApplyCounts()
+    checks, counts = load_checks(db), ApplyCounts(skipped=[str(b) for b in contents.bad])
     for gv, (norm, default, tuned) in _kernels_with_records(mod, tvm_target, database).items():
         check = checks.get(_hash(norm))
         if check is None or check.default != _hash(default) or check.tuned != _hash(tuned):
@@ -62,6 +65,7 @@ class ApplyCounts:
     applied: int = 0
     rejected: int = 0  # the default schedule measured faster than the record
     unchecked: int = 0  # applied with no check against the current default schedule
+    skipped: list[str] = field(default_factory=list)  # bad database lines passed over
 
 
 @dataclass(frozen=True)
@@ -158,9 +162,8 @@ def check_records(mod, tvm_target, db: Path, progress: Progress = no_progress) -
     """Time every kernel of ``mod`` that has a record against its default schedule and save
     the outcome for ``apply_database``. Returns (records kept, records the default beat); a
     kernel that cannot be timed here (symbolic shapes) is in neither and stays unchecked."""
-    database = open_database(db)
-    kernels = _kernels_with_records(mod, tvm_target, database)
-    checks, kept, rejected = load_checks(db), 0, 0
+    kernels = _kernels_with_records(mod, tvm_target, read(db).database)
+    checks, kept, rejected = {}, 0, 0
     for i, (norm, default, tuned) in enumerate(kernels.values()):
         progress(f"checking tuned kernels against default schedules: {i + 1}/{len(kernels)}")
         try:
@@ -172,7 +175,10 @@ def check_records(mod, tvm_target, db: Path, progress: Progress = no_progress) -
                             _hash(tuned))
         checks[_hash(norm)] = check
         kept, rejected = kept + check.tuned_wins, rejected + (not check.tuned_wins)
-    tmp = db / f".{_CHECKS}.tmp"  # atomic: a compile reading it never sees half a file
-    tmp.write_text(json.dumps({k: asdict(v) for k, v in checks.items()}, indent=1))
-    os.replace(tmp, db / _CHECKS)
+    # under the lock, merged into what is there now (another session may have added checks);
+    # a unique temp name and a rename: a compile reading it never sees half a file
+    with locked(db):
+        merged = {**load_checks(db), **checks}
+        write_atomic(db / _CHECKS, json.dumps({k: asdict(v) for k, v in merged.items()},
+                                              indent=1).encode())
     return kept, rejected
