@@ -42,6 +42,7 @@ from edgekit.report.compare import (
 from edgekit.report.html import write_report
 from edgekit.report.record import parse_duration
 from edgekit.report.schema import load_run, save_run, save_text
+from edgekit.scratch import private_tempdir
 from edgekit.targets import list_targets
 from edgekit.verify import Comparison, TensorSpec, parse_input_spec
 
@@ -58,9 +59,9 @@ __all__ = [
     "environment_differences", "export", "export_streaming", "he_check", "he_run",
     "list_devices", "list_graphs", "list_passes", "list_targets", "load_calibration", "load_npy",
     "load_npz", "load_run", "parse_assertion", "parse_duration", "parse_input_spec",
-    "parse_percent", "per_op", "profile", "rewrite", "run", "run_stream", "save_npz", "save_run",
-    "serve_device",
-    "serve_tracker", "tune", "verify_artifact", "write_report",
+    "parse_percent", "per_op", "private_tempdir", "profile", "rewrite", "run", "run_stream",
+    "repair_tuning_db", "save_npz", "save_run", "serve_device", "serve_tracker", "tune",
+    "verify_artifact", "write_report",
 ]
 
 Progress = Callable[[str], None]

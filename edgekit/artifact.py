@@ -19,7 +19,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -28,6 +27,7 @@ from typing import Any
 
 from edgekit.errors import EdgekitError
 from edgekit.runtime import LIBRARY, MANIFEST, SCHEMA_VERSION, sha256_file
+from edgekit.scratch import host_name, process_alive
 
 ONNX_FILE = "model.onnx"
 _STAGING = re.compile(r"^\..+\.(?P<host>[^.]*)-(?P<pid>\d+)\.[^.]+(\.old)?\.staging$")
@@ -46,29 +46,15 @@ def versions() -> dict[str, str]:
     return out
 
 
-def _host() -> str:
-    return socket.gethostname().replace(".", "_").replace("-", "_") or "host"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
 def remove_stale_staging(folder: Path) -> list[Path]:
     """Remove staging directories in ``folder`` left by edgekit processes on this host that
     no longer run; returns what was removed. Others' (running, or another host's) stay."""
     removed = []
-    host = _host()
+    host = host_name()
     with contextlib.suppress(OSError):
         for entry in os.scandir(folder):
             m = _STAGING.match(entry.name)
-            if (m and m["host"] == host and not _alive(int(m["pid"]))
+            if (m and m["host"] == host and not process_alive(int(m["pid"]))
                     and entry.is_dir(follow_symlinks=False)):
                 shutil.rmtree(entry.path, ignore_errors=True)
                 removed.append(Path(entry.path))
@@ -85,7 +71,7 @@ def staging(out: Path) -> Iterator[Path]:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_staging(out.parent)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{_host()}-{os.getpid()}.",
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{host_name()}-{os.getpid()}.",
                                     suffix=".staging", dir=out.parent))
     except OSError as exc:
         raise EdgekitError(f"cannot write to {out.parent}: {exc.strerror or exc}") from exc

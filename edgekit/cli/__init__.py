@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from edgekit import __version__
+from edgekit import __version__, api
 from edgekit.cli import (
     commands,
     devices_cmd,
@@ -93,7 +93,8 @@ def main() -> None:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(sig) is signal.SIG_DFL:  # leave a parent's SIG_IGN (nohup) alone
             signal.signal(sig, _terminated)
-    cli.main(prog_name="edgekit")
+    with api.private_tempdir():  # TVM's temporary files go, however the command ends
+        cli.main(prog_name="edgekit")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -16,7 +16,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from edgekit import api, artifact
+from edgekit import api, artifact, scratch
 
 EDGEKIT = [sys.executable, "-c", "from edgekit.cli import main; main()"]
 
@@ -74,10 +74,27 @@ def test_next_compile_removes_staging_of_killed_runs_only(add_onnx, tmp_path):
     (left,) = [p for p in out_dir.iterdir()]
     assert left.name.startswith(".m.edgekit.") and left.is_dir()
     # a staging directory of a process that still runs (this one) must survive
-    busy = out_dir / f".m.edgekit.{artifact._host()}-{os.getpid()}.busy.staging"
+    busy = out_dir / f".m.edgekit.{scratch.host_name()}-{os.getpid()}.busy.staging"
     busy.mkdir()
     api.compile(add_onnx, "host", out)
     assert sorted(p.name for p in out_dir.iterdir()) == sorted([busy.name, "m.edgekit"])
+
+
+def test_next_command_removes_temporary_files_of_killed_runs(add_onnx, tmp_path):
+    """Each command keeps TVM's temporary files in a private folder under TMPDIR; SIGKILL
+    leaves it, and the next edgekit command (any) removes it."""
+    out_dir, tmp = tmp_path / "out", tmp_path / "tmp"
+    out_dir.mkdir()
+    tmp.mkdir()
+    proc = _compile_until_staging(add_onnx, out_dir / "m.edgekit", tmp)
+    proc.kill()
+    proc.communicate(timeout=60)
+    (left,) = list(tmp.iterdir())
+    assert left.name.startswith(f"edgekit-run.{scratch.host_name()}-{proc.pid}.")
+    done = subprocess.run([*EDGEKIT, "targets"], env={**os.environ, "TMPDIR": str(tmp)},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert list(tmp.iterdir()) == []
 
 
 def test_replacing_an_artifact_never_leaves_its_name_missing(tmp_path):

@@ -11,13 +11,12 @@ layer 1 was always rolled back.
 
 from __future__ import annotations
 
-import io
-import warnings
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from _exports import tiny_bert_export
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
@@ -190,48 +189,9 @@ def test_fold_constants_then_fold_bn_folds_constant_of_shape_parameters():
     assert "BatchNormalization" not in result.ops_after
 
 
-def tiny_bert(layers: int = 2) -> onnx.ModelProto:
-    """A small BERT (random weights) with masked mean pooling, TorchScript-exported, its shape
-    chains folded by onnxruntime's basic optimizations (as tests/passes/test_token_prune)."""
-    import tempfile
-
-    import onnxruntime as ort
-    import torch
-    import transformers as tf
-
-    cfg = tf.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=layers,
-                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=32,
-                        attn_implementation="eager")
-    torch.manual_seed(0)
-    bert = tf.BertModel(cfg, add_pooling_layer=False).eval()
-
-    class Pooled(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.bert = bert
-
-        def forward(self, input_ids, attention_mask):
-            h = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            m = attention_mask[..., None].to(h.dtype)
-            return (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
-
-    ones = torch.ones(1, 16, dtype=torch.int64)
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(Pooled().eval(), (ones, ones), buf, dynamo=False, opset_version=18,
-                          input_names=["input_ids", "attention_mask"])
-    with tempfile.TemporaryDirectory() as d:
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        so.optimized_model_filepath = str(Path(d) / "folded.onnx")
-        ort.InferenceSession(buf.getvalue(), so, providers=["CPUExecutionProvider"])
-        return onnx.load(so.optimized_model_filepath)
-
-
 @pytest.fixture(scope="module")
 def bert2() -> onnx.ModelProto:
-    return tiny_bert(2)
+    return tiny_bert_export(layers=2)
 
 
 def test_token_prune_after_layer_1_loads_despite_ort_matmuladd_fusion(bert2):

@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from _exports import export, tiny_bert_export
 
 from edgekit.passes._ir import Builder
 from edgekit.passes._wpr import emit_select
@@ -109,39 +110,6 @@ def test_cls_kept_even_when_ignored():
         assert got[0, 0] == 0 and np.all(np.diff(got[0]) > 0)
 
 
-def export(net, args: tuple, names: list[str], fold: bool = True,
-           dynamic: dict | None = None) -> onnx.ModelProto:
-    """TorchScript export: seconds instead of the dynamo exporter's minute (bench/ uses that);
-    ``fold``: fold its Shape chains into constants; ``dynamic``: torch's dynamic_axes."""
-    import io
-    import warnings
-
-    import torch
-
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(net, args, buf, input_names=names, dynamo=False, opset_version=18,
-                          dynamic_axes=dynamic)
-    model = onnx.load_from_string(buf.getvalue())
-    return static_shapes(model) if fold else model
-
-
-def static_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """onnxruntime's basic (constant-folding) optimization: TorchScript's Shape chains go."""
-    import tempfile
-    from pathlib import Path
-
-    import onnxruntime as ort
-
-    with tempfile.TemporaryDirectory() as d:
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        so.optimized_model_filepath = str(Path(d) / "folded.onnx")
-        ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        return onnx.load(so.optimized_model_filepath)
-
-
 @pytest.fixture(scope="module")
 def tiny_vit() -> onnx.ModelProto:
     """A 3-block, 17-token ViT (16 patches + CLS) exported from torch, random weights."""
@@ -218,31 +186,6 @@ def test_keep_all_is_unchanged_and_refusals(tiny_vit, add_relu_onnx):
         "probs", "not self-attention: its output is (1, 10), not (B, H, N, N)")
     _, run = run_pass(tiny_vit, PASS, PASS.parse_params({"layers": "7"}), [])
     assert run.status == "refused" and "layer 7" in run.message
-
-
-def tiny_bert_export(fold: bool = True, dynamic: dict | None = None) -> onnx.ModelProto:
-    """A 2-layer BERT (random weights) with masked mean pooling, like sentence-transformers."""
-    import torch
-    import transformers as tf
-
-    cfg = tf.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=32,
-                        attn_implementation="eager")
-    torch.manual_seed(0)
-    bert = tf.BertModel(cfg, add_pooling_layer=False).eval()
-
-    class Pooled(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.bert = bert
-
-        def forward(self, input_ids, attention_mask):
-            h = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            m = attention_mask[..., None].to(h.dtype)
-            return (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
-
-    ones = torch.ones(1, 16, dtype=torch.int64)
-    return export(Pooled().eval(), (ones, ones), ["input_ids", "attention_mask"], fold, dynamic)
 
 
 @pytest.fixture(scope="module")
