@@ -30,6 +30,7 @@ import onnx
 from edgekit import intake, verify
 from edgekit.arrays import load_npy, load_npz, save_npz
 from edgekit.errors import EdgekitError
+from edgekit.files import replacing
 from edgekit.graphs import DEFAULT as DEFAULT_GRAPH
 from edgekit.report.compare import (
     check_assertion,
@@ -546,15 +547,9 @@ def build_runner(arch: str = "host", out: str | Path | None = None) -> RunnerBui
 
     binary, rt = toolchain.build_runner(arch)
     if out is not None:
-        out = Path(out)
-        tmp = out.with_name(f".{out.name}.tmp")
-        try:
+        with replacing(out) as tmp:
             shutil.copy2(binary, tmp)
-            tmp.replace(out)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise EdgekitError(f"cannot write {out}: {exc.strerror or exc}") from None
-        binary = out
+        binary = Path(out)
     libraries = [d / lib for d in rt.lib_dirs for lib in ("libtvm_runtime.so", "libtvm_ffi.so")
                  if (d / lib).is_file()]
     return RunnerBuild(binary, libraries)

@@ -17,6 +17,7 @@ import numpy as np
 from numpy.lib import format as npy
 
 from edgekit.errors import EdgekitError
+from edgekit.files import replacing
 
 _MAX_HEADER = 1 << 20
 
@@ -83,11 +84,5 @@ def load_npz(path: str | Path, what: str = "arrays") -> dict[str, np.ndarray]:
 
 def save_npz(path: str | Path, arrays: Mapping[str, Any]) -> None:
     """Write ``arrays`` to an ``.npz`` atomically (temp file, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.npz")
-    try:
+    with replacing(path, ".npz") as tmp:  # np.savez adds .npz to a name without it
         np.savez(tmp, **arrays)
-        tmp.replace(path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise EdgekitError(f"cannot write {path}: {exc.strerror or exc}") from None

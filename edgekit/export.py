@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 
 from edgekit.errors import EdgekitError
+from edgekit.files import replacing
 from edgekit.verify import (
     Comparison,
     TensorSpec,
@@ -135,15 +136,9 @@ def check_against_torch(
 
 def save_onnx(model: onnx.ModelProto, path) -> None:
     """Write a single-file ONNX model atomically (temp file, then rename)."""
-    import os
     from pathlib import Path
 
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with replacing(path) as tmp:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_bytes(model.SerializeToString())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise EdgekitError(f"cannot write {path}: {exc.strerror or exc}") from exc

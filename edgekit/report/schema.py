@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekit.errors import EdgekitError
+from edgekit.files import replacing
 
 SCHEMA_NAME = "edgekit-profile"
 SCHEMA_VERSION = 1
@@ -194,14 +195,9 @@ def load_run(path: str | Path) -> dict[str, Any]:
 def save_text(text: str, path: str | Path) -> Path:
     """Write ``text`` to ``path`` atomically (temp file in the same directory, then rename)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with replacing(path) as tmp:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise EdgekitError(f"cannot write {path}: {exc.strerror or exc}") from None
     return path
 
 
