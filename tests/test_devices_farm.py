@@ -4,7 +4,6 @@ an artifact profiled through them from the CLI, and every process stopped afterw
 from __future__ import annotations
 
 import json
-import selectors
 import signal
 import socket
 import subprocess
@@ -13,6 +12,7 @@ import time
 
 import psutil
 import pytest
+from _processes import wait_line
 from click.testing import CliRunner
 
 from edgekit.cli import cli
@@ -26,21 +26,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _wait_line(proc: subprocess.Popen, word: str, timeout: float = 60.0) -> str:
-    """The first stdout line of ``proc`` containing ``word`` (fails on exit or timeout)."""
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if sel.select(timeout=0.5):
-            line = proc.stdout.readline()
-            if word in line:
-                return line
-            if not line:
-                break
-    raise AssertionError(f"{proc.args[-4:]} did not print {word!r}: {proc.stderr.read()[-500:]}")
 
 
 def _stop(procs: list[subprocess.Popen]) -> list[psutil.Process]:
@@ -77,8 +62,8 @@ def farm():
         tracker = start("tracker", "--port", address.rsplit(":", 1)[1])
         server = start("serve-device", "--key", "loopback", "--tracker", address,
                        "--port", str(_free_port()))
-        assert _wait_line(tracker, "listening on").strip().endswith(address)
-        _wait_line(server, "serving on")
+        assert wait_line(tracker, "listening on").strip().endswith(address)
+        wait_line(server, "serving on")
         yield {"address": address, "procs": procs}
     finally:
         _stop(procs)

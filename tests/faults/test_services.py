@@ -12,7 +12,6 @@ servers on 127.0.0.1 started as `edgekit` processes and stopped by each test:
 from __future__ import annotations
 
 import os
-import selectors
 import signal
 import socket
 import subprocess
@@ -21,6 +20,7 @@ import time
 
 import psutil
 import pytest
+from _processes import wait_line
 from click.testing import CliRunner
 
 from edgekit.cli import cli
@@ -32,24 +32,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _wait_line(proc: subprocess.Popen, word: str, seen: list[str] | None = None,
-               timeout: float = 60.0) -> str:
-    """The first output line of ``proc`` containing ``word``; earlier lines go to ``seen``."""
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if sel.select(timeout=0.5):
-            line = proc.stdout.readline()
-            if word in line:
-                return line
-            if not line:
-                break
-            if seen is not None:
-                seen.append(line)
-    raise AssertionError(f"{proc.args[-4:]} did not print {word!r} (saw {seen})")
 
 
 SECRET = "correct horse battery staple"
@@ -91,8 +73,8 @@ def _farm(start, secret: str | None = None, key: str = "loopback"):
     server = start("serve-device", "--key", key, "--tracker", address,
                    "--port", str(_free_port()), env=env)
     seen: list[str] = []
-    _wait_line(tracker, "listening on", seen)
-    _wait_line(server, "serving on", seen)
+    wait_line(tracker, "listening on", seen)
+    wait_line(server, "serving on", seen)
     assert not any("warning" in line for line in seen), seen
     _wait_free(address, key, secret)
     return address, tracker, server
@@ -125,7 +107,7 @@ def test_non_loopback_bind_warns(start):
     port = _free_port()
     tracker = start("tracker", "--host", "0.0.0.0", "--port", str(port))
     seen: list[str] = []
-    _wait_line(tracker, "listening on", seen)
+    wait_line(tracker, "listening on", seen)
     warning = " ".join(seen)
     assert "warning:" in warning and "trusted network" in warning, seen
 
@@ -133,7 +115,7 @@ def test_non_loopback_bind_warns(start):
     server = start("serve-device", "--key", "k", "--tracker", f"127.0.0.1:{port}",
                    "--host", "0.0.0.0", "--port", str(_free_port()))
     seen = []
-    _wait_line(server, "serving on", seen)
+    wait_line(server, "serving on", seen)
     warning = " ".join(seen)
     assert "runs uploaded code" in warning and "trusted network" in warning, seen
     assert "secret" in warning  # and it says how to keep strangers out
