@@ -24,6 +24,7 @@ from typing import Any
 
 import onnx
 
+from edgekit import runtime
 from edgekit.errors import EdgekitError, first_line
 from edgekit.verify import TensorSpec, onnx_input_specs
 
@@ -163,23 +164,9 @@ def estimate_memory(model: onnx.ModelProto) -> MemoryEstimate:
     return MemoryEstimate(inputs, weights, sum(others[:2]))
 
 
-def available_memory() -> int | None:
-    """``MemAvailable`` from ``/proc/meminfo`` in bytes; None where there is none (not Linux)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+# one reading of MemAvailable and one size format for compile time and load time
+available_memory = runtime.available_memory
+human_bytes = runtime.human_bytes
 
 
 def check_memory(model: onnx.ModelProto, what: str = "running the model") -> MemoryEstimate:

@@ -16,6 +16,7 @@ both load the same library file, which the dynamic loader maps once.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -25,7 +26,8 @@ import os
 import platform
 import struct
 import sys
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -41,6 +43,10 @@ _POOLED_ALLOCATOR = 2  # the Relax VM's allocator kinds: 1 naive, 2 pooled (what
 class ArtifactError(ValueError):
     """The artifact is missing, malformed, tampered with, or built for another machine (or
     TVM's runtime, which runs it, is not installed)."""
+
+
+class RangeWarning(UserWarning):
+    """An input left the range the model's approximate (fitted) passes were calibrated on."""
 
 
 def sha256_file(path: Path) -> str:
@@ -141,7 +147,73 @@ def manifest_problems(manifest: Any) -> list[str]:
                 if src.get(k) is not None and not isinstance(src[k], str)]
     if "streaming" in m:
         out += _streaming_problems(m["streaming"])
+    out += _ranges_problems(m.get("calibrated_ranges"), m.get("inputs"))
+    mem = m.get("memory")
+    if mem is not None and not (isinstance(mem, dict) and all(
+            _is_int(mem.get(k)) and mem[k] >= 0 for k in MEMORY_PARTS)):
+        out.append(f"memory must be an object of {', '.join(MEMORY_PARTS)}: integers >= 0")
     return out
+
+
+def _ranges_problems(ranges: Any, inputs: Any) -> list[str]:
+    if ranges is None:
+        return []
+    names = {t.get("name") for t in inputs if isinstance(t, dict)} if isinstance(
+        inputs, list) else set()
+    if not isinstance(ranges, dict):
+        return ["calibrated_ranges must be an object of input name -> {min, max}"]
+    out = []
+    for name, r in ranges.items():
+        if name not in names:
+            out.append(f"calibrated_ranges names {name!r}, which is not an input")
+        elif not (isinstance(r, dict) and all(
+                isinstance(r.get(k), int | float) and not isinstance(r.get(k), bool)
+                for k in ("min", "max")) and r["min"] <= r["max"]):
+            out.append(f"calibrated_ranges[{name!r}] must be {{min, max}}: numbers, min <= max")
+    return out
+
+
+# ---- memory: the compile-time estimate against what this machine has free now ----
+
+MEMORY_PARTS = ("inputs", "weights", "activations")  # bytes, ``intake.MemoryEstimate``
+
+
+def available_memory() -> int | None:
+    """``MemAvailable`` from ``/proc/meminfo`` in bytes; None where there is none (not Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def human_bytes(n: float) -> str:
+    """``1.5 GiB``-style sizes for messages."""
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def memory_problem(manifest: dict[str, Any], what: str) -> str | None:
+    """Why running the artifact would not fit in the memory available now, or None: the
+    manifest's ``memory`` (inputs + weights + the two largest activations, estimated from
+    ONNX shapes at compile time) against ``MemAvailable``. An artifact without the estimate
+    (compiled before it was recorded) or a machine without ``/proc/meminfo`` passes."""
+    mem, free = manifest.get("memory"), available_memory()
+    if not mem or free is None:
+        return None
+    need = sum(mem[k] for k in MEMORY_PARTS)
+    if need <= free:
+        return None
+    return (f"{what} needs an estimated {human_bytes(need)} (inputs "
+            f"{human_bytes(mem['inputs'])}, weights {human_bytes(mem['weights'])}, largest "
+            f"activations {human_bytes(mem['activations'])}; recorded at compile time) but "
+            f"{human_bytes(free)} is available")
 
 
 # ---- the shared library's ELF header: refuse what would crash the loader ----
@@ -265,6 +337,16 @@ def manifest_digest(path: str | Path) -> str:
         raise ArtifactError(f"{path} has no readable {MANIFEST}: {exc.strerror or exc}") from None
 
 
+def read_artifact(path: str | Path, sha256: str | None = None) -> tuple[dict[str, Any], bytes]:
+    """The validated manifest and the bytes of ``model.so`` that were hashed, with every check
+    ``load`` makes before loading. What runs the library elsewhere (per-op timing, the
+    device runner, a remote device) runs these bytes (``library_file``), never a second read
+    of the path, which may have changed since the check."""
+    manifest, library = _check(Path(path), sha256, True)
+    assert library is not None  # check_hashes=True always returns the library
+    return manifest, library
+
+
 def read_manifest(path: str | Path, check_hashes: bool = True,
                   sha256: str | None = None) -> dict[str, Any]:
     """Read and validate ``manifest.json``; by default also check that the directory holds
@@ -274,21 +356,25 @@ def read_manifest(path: str | Path, check_hashes: bool = True,
     return _check(Path(path), sha256, check_hashes)[0]
 
 
-def _load_library(data: bytes) -> Any:
-    """Load a shared library from bytes already hashed, so a file replaced or rewritten
-    after the check cannot be what runs, and a reload of a replaced artifact gets the new
-    code. The dynamic loader reuses a loaded library when the name or the file (device and
-    inode) matches, so each load gets a fresh file under a fresh name. Linux: a sealed memfd
-    (an anonymous file, immune to a noexec /tmp) reached through a uniquely named symlink;
-    elsewhere a private temporary copy. Both are removed once loaded."""
+@contextlib.contextmanager
+def library_file(data: bytes) -> Iterator[tuple[Path, int | None]]:
+    """A fresh file name whose content is exactly ``data`` (bytes already hashed), for as long
+    as the ``with`` lasts: ``(path, fd)``. A file replaced or rewritten after the check cannot
+    be what runs, and a reload of a replaced artifact gets the new code (the dynamic loader
+    reuses a loaded library when the name or the file, device and inode, matches). Linux: a
+    sealed memfd (an anonymous file nobody can write, immune to a noexec /tmp) reached through
+    a uniquely named symlink to ``/proc/self/fd/FD``; ``fd`` is its descriptor, and a child
+    process that inherits it at the same number (``subprocess``'s ``pass_fds``) reaches the
+    same bytes through the same path, since ``/proc/self`` is whoever resolves it. Elsewhere
+    (``fd`` None) a private copy in a fresh 0700 directory. Both are removed afterwards."""
     import tempfile
 
-    loader = _func("ffi.Module.load_from_file.so")
     with tempfile.TemporaryDirectory(prefix="edgekit-lib-") as d:
         name = Path(d) / LIBRARY
         if not hasattr(os, "memfd_create"):
             name.write_bytes(data)
-            return loader(str(name), "so")
+            yield name, None
+            return
         fd = os.memfd_create(LIBRARY, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             view = memoryview(data)
@@ -299,9 +385,15 @@ def _load_library(data: bytes) -> Any:
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
                         | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL)
             name.symlink_to(f"/proc/self/fd/{fd}")
-            return loader(str(name), "so")
+            yield name, fd
         finally:
             os.close(fd)
+
+
+def _load_library(data: bytes) -> Any:
+    """Load a shared library from bytes already hashed (see ``library_file``)."""
+    with library_file(data) as (name, _):
+        return _func("ffi.Module.load_from_file.so")(str(name), "so")
 
 
 @functools.cache
@@ -387,10 +479,14 @@ def _to_numpy(t: Any) -> np.ndarray:
 class CompiledModel:
     """A loaded artifact: ``run(inputs)`` with inputs checked against the manifest."""
 
-    def __init__(self, path: str | Path, manifest: dict[str, Any], library: bytes | None = None):
+    def __init__(self, path: str | Path, manifest: dict[str, Any], library: bytes | None = None,
+                 warn_ranges: bool = True):
         """``library``: the bytes of ``model.so`` already checked against the manifest (what
-        ``load`` passes); without it the artifact is read and checked here."""
+        ``load`` passes); without it the artifact is read and checked here. ``warn_ranges``:
+        see ``run``."""
         self.path = Path(path)
+        self.warn_ranges = warn_ranges
+        self._range_warned: set[str] = set()
         if library is None:
             manifest, library = _check(self.path, None, True)
         self.manifest = manifest
@@ -416,8 +512,8 @@ class CompiledModel:
         problem = elf_problem(library, machine)  # the manifest may name no machine
         if problem:
             raise ArtifactError(f"{self.path / LIBRARY} {problem}")
-        self._lib = _load_library(library)
-        self._vm = self._lib["vm_load_executable"]()
+        self.library = _load_library(library)  # the hashed bytes (per-op timing reuses it)
+        self._vm = self.library["vm_load_executable"]()
         # (device type, index, allocator) per device; the VM runs shape functions on the CPU
         devices = [self.device, *([tvm_ffi.device("cpu", 0)] if cuda else [])]
         self._vm["vm_initialization"](*(v for d in devices for v in
@@ -467,9 +563,33 @@ class CompiledModel:
 
     def run(self, *args: Any, **kwargs: Any) -> dict[str, np.ndarray]:
         """Run once. Inputs: one dict, keyword arrays, or positional arrays in input order.
-        Returns ``{output name: array}`` in output order."""
-        tensors = self._to_device(self._check(args, kwargs))
-        return self._collect(self._main(*tensors))
+        Returns ``{output name: array}`` in output order.
+
+        When the manifest records ``calibrated_ranges`` (the min/max of each input over the
+        real calibration samples its fitted passes were fitted on) and ``warn_ranges`` is
+        on, an input with a value outside its range, or a NaN, gives one ``RangeWarning``
+        line, once per input for the life of this object: the polynomial approximations are
+        only fitted inside the range, and may be far off (or non-finite) outside it."""
+        arrays = self._check(args, kwargs)
+        if self.warn_ranges:
+            self._warn_ranges(arrays)
+        return self._collect(self._main(*self._to_device(arrays)))
+
+    def _warn_ranges(self, arrays: list[np.ndarray]) -> None:
+        ranges = self.manifest.get("calibrated_ranges") or {}
+        for spec, a in zip(self.inputs, arrays, strict=True):
+            name, r = spec["name"], ranges.get(spec["name"])
+            if r is None or name in self._range_warned or not a.size:
+                continue
+            lo, hi = a.min(), a.max()  # a NaN makes both NaN, and both compares false
+            if lo >= r["min"] and hi <= r["max"]:
+                continue
+            self._range_warned.add(name)
+            seen = "NaN" if np.isnan(lo) else f"values in [{lo:.6g}, {hi:.6g}]"
+            warnings.warn(f"input {name!r} has {seen}, outside [{r['min']:.6g}, "
+                          f"{r['max']:.6g}], the range its approximate passes were calibrated "
+                          "on: outputs may be inaccurate (warned once per input; "
+                          "warn_ranges=False turns this off)", RangeWarning, stacklevel=3)
 
     def prepare(self, *args: Any, **kwargs: Any) -> Callable[[], None]:
         """A zero-argument callable that runs on pre-staged inputs and waits for the device
@@ -567,10 +687,16 @@ class StreamSession:
         return call
 
 
-def load(path: str | Path, sha256: str | None = None) -> CompiledModel:
+def load(path: str | Path, sha256: str | None = None, warn_ranges: bool = True
+         ) -> CompiledModel:
     """Load an artifact directory after checking its manifest (schema, and ``sha256``, the
     digest ``edgekit verify`` prints, when given), that it holds exactly the listed files with
-    their digests, and that its library is a complete ELF file for this machine. The library
-    runs from the bytes that were hashed, never from a second read of the file."""
+    their digests, that its library is a complete ELF file for this machine, and that its
+    recorded memory estimate fits in the memory available (``memory_problem``).
+    The library runs from the bytes that were hashed, never from a second read of the file.
+    ``warn_ranges``: warn when an input leaves its calibrated range (``CompiledModel.run``)."""
     manifest, library = _check(Path(path), sha256, True)
-    return CompiledModel(path, manifest, library)
+    problem = memory_problem(manifest, f"running {path}")
+    if problem:
+        raise ArtifactError(problem)
+    return CompiledModel(path, manifest, library, warn_ranges)

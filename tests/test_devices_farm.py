@@ -4,11 +4,13 @@ an artifact profiled through them from the CLI, and every process stopped afterw
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -95,6 +97,21 @@ def test_remote_profile_through_loopback_tracker(farm, compiled_default):
     res = CliRunner().invoke(cli, ["profile", str(compiled_default.path), "--tracker", address,
                                    "--key", "no-such-device"])
     assert res.exit_code == 1 and "no free device with key 'no-such-device'" in res.output
+
+
+def test_remote_profile_uploads_the_hashed_library(farm, compiled_default, tmp_path,
+                                                   monkeypatch):
+    """Issue 18 (TOCTOU): model.so swapped for garbage right after the hash check. Before, the
+    upload read the path again and the device got the garbage (its load failed); now the
+    hashed bytes are uploaded, so the profile runs."""
+    from faults._swap import swap_after_check
+
+    from edgekit.devices.farm import profile_remote
+
+    art = Path(shutil.copytree(compiled_default.path, tmp_path / "m.edgekit"))
+    state = swap_after_check(monkeypatch, art, b"\x7fELF not a library")
+    result = profile_remote(art, farm["address"], "loopback", warmup=1, repeat=2, wait=30.0)
+    assert result["iterations"] == 2 and state["swaps"] == 1
 
 
 def test_stopping_leaves_no_process_behind(farm):

@@ -9,6 +9,20 @@ import click
 from edgekit import api
 from edgekit.cli._common import parse_named_arrays, print_json
 
+_cut_option = click.option(
+    "--cut-embeddings", "cut_embeddings", is_flag=True,
+    help="The model starts at token ids (a standard transformers export): move its embedding "
+         "lookup to the client, so the server's graph starts at the embeddings (checked "
+         "against the original first).")
+
+
+def _echo_cut(cut: dict | None) -> None:
+    if cut:
+        rows, width = cut["table_shape"]
+        click.echo(f"cut: {cut['ids']} -> {cut['embeds']} (the client looks up a {rows}x"
+                   f"{width} table; matches the original within {cut['max_rel']:.1e})")
+
+
 _plain_option = click.option(
     "--plain", "plain", multiple=True, metavar="INPUT",
     help="An input the server may see in the clear (e.g. a mask or lengths); repeatable.")
@@ -17,8 +31,10 @@ _plain_option = click.option(
 @click.command("he-check")
 @click.argument("onnx_file", type=click.Path(path_type=Path))
 @_plain_option
+@_cut_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (with per-tensor depths).")
-def he_check_cmd(onnx_file: Path, plain: tuple[str, ...], as_json: bool) -> None:
+def he_check_cmd(onnx_file: Path, plain: tuple[str, ...], cut_embeddings: bool,
+                 as_json: bool) -> None:
     """Check that only HE-evaluable ops touch encrypted data; report degree and depth.
 
     Exits 1 when some node is not HE-evaluable (each is named with the reason).
@@ -28,10 +44,11 @@ def he_check_cmd(onnx_file: Path, plain: tuple[str, ...], as_json: bool) -> None
       edgekit rewrite m.onnx -o m-poly.onnx --passes poly-layernorm,poly-gelu,poly-softmax
       edgekit he-check m-poly.onnx --json
     """
-    report = api.he_check(onnx_file, plain)
+    report = api.he_check(onnx_file, plain, cut_embeddings)
     if as_json:
         print_json(report.to_dict())
     else:
+        _echo_cut(report.cut)
         for o in report.offenders:
             click.echo(f"offender {o.node} ({o.op}): {o.reason}")
         for name, info in report.outputs.items():
@@ -59,10 +76,11 @@ def he_check_cmd(onnx_file: Path, plain: tuple[str, ...], as_json: bool) -> None
                    "plaintext onnxruntime run (debugging; the client sees everything).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the decrypted outputs to this .npz.")
+@_cut_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def he_run_cmd(onnx_file: Path, inputs: tuple[str, ...], plain: tuple[str, ...],
                scale_bits: int | None, packed: bool, trace: bool, output: Path | None,
-               as_json: bool) -> None:
+               cut_embeddings: bool, as_json: bool) -> None:
     """Run an HE-friendly model under CKKS (TenSEAL) and compare with onnxruntime.
 
     The inputs are encrypted (client), the graph is evaluated on ciphertexts with plaintext
@@ -74,12 +92,14 @@ def he_run_cmd(onnx_file: Path, inputs: tuple[str, ...], plain: tuple[str, ...],
       edgekit he-run mlp.onnx --input x=x.npy
       edgekit he-run attention-poly.onnx --input x=x.npy --packed --trace
     """
-    result = api.he_run(onnx_file, parse_named_arrays(inputs), plain, scale_bits, packed, trace)
+    result = api.he_run(onnx_file, parse_named_arrays(inputs), plain, scale_bits, packed, trace,
+                        cut_embeddings)
     if output is not None:
         api.save_npz(output, result.outputs)
     if as_json:
         print_json(result.to_dict())
         return
+    _echo_cut(result.cut)
     for row in result.trace or []:
         click.echo(f"trace {row.name:<28} {row.op:<10} {row.layout:<7} levels left "
                    f"{row.levels_left:>2}  rel err {row.rel_error:.2e}  max abs {row.max_abs:.2e}")

@@ -8,7 +8,11 @@ long as the matmul before it), and ``power(x, 3.0)`` to ``powf``. The pass rewri
   ``nn.softmax`` (float32) -> TOPI's ``fast_tanh`` / ``fast_erf`` / ``fast_exp``: rational /
   polynomial approximations with a clamped range, plain arithmetic that vectorizes. Measured
   against float64 on [-10, 10]: relative error <= 3.3e-7 (tanh), 4.2e-7 (erf), 5.7e-7 (exp),
-  a few float32 ulp;
+  a few float32 ulp. ``fast_erf`` clamps its input to [-4, 4] with TIR ``max``/``min``, which
+  turn NaN into a number (``max(NaN, c)`` is ``c``: an ordered compare), so the erf here is
+  ``isnan(x) ? x : fast_erf(x)``: NaN in, NaN out, as onnxruntime; +-Inf clamp to +-4, where
+  the rational form is exactly +-1.0f (erf(4) = 1 - 1.5e-8 rounds to 1 in float32). The
+  select is one more vector compare-and-blend per element, in the same loop;
 - ``power(x, c)`` with a scalar constant ``c`` of 2 or 3 -> ``x * x`` / ``x * x * x``
   (within an ulp or two of ``powf``).
 
@@ -18,10 +22,8 @@ Preconditions: any Relax module; calls of other dtypes or exponents are left alo
 from __future__ import annotations
 
 import tvm
-from tvm import relax, tirx, topi
+from tvm import relax, te, tirx, topi
 from tvm.relax import PyExprMutator, expr_functor
-
-_FAST = {"relax.tanh": "fast_tanh", "relax.erf": "fast_erf", "relax.exp": "fast_exp"}
 
 
 def _scalar_const(expr) -> float | None:
@@ -32,10 +34,23 @@ def _scalar_const(expr) -> float | None:
     return float(value.reshape(-1)[0]) if value.size == 1 else None
 
 
+def _erf(x):
+    """TOPI's ``fast_erf`` that keeps NaN (its clamp would map NaN to erf(4) = 1)."""
+    fast = topi.fast_erf(x)
+    return te.compute(x.shape, lambda *i: tirx.Select(tirx.isnan(x(*i)), x(*i), fast(*i)),
+                      name="T_erf")
+
+
 def _gelu(x):
-    """Relax's legalization of ``nn.gelu``, x * (0.5 + erf(x / sqrt 2) * 0.5), with fast_erf."""
+    """Relax's legalization of ``nn.gelu``, x * (0.5 + erf(x / sqrt 2) * 0.5), with fast_erf
+    (a NaN x makes the product NaN, so the clamp inside needs no NaN select here)."""
     half = tirx.const(0.5, x.dtype)
     return x * (half + topi.fast_erf(x * tirx.const(0.5**0.5, x.dtype)) * half)
+
+
+# relax op -> (TE function, kernel name; per_op maps kernels to ONNX nodes by these names)
+_FAST = {"relax.tanh": (topi.fast_tanh, "fast_tanh"), "relax.erf": (_erf, "fast_erf"),
+         "relax.exp": (topi.fast_exp, "fast_exp")}
 
 
 @expr_functor.mutator
@@ -51,8 +66,8 @@ class _Rewrite(PyExprMutator):
         if name == "relax.nn.gelu":
             return self.builder_.call_te(_gelu, call.args[0], primfunc_name_hint="gelu")
         if name in _FAST:
-            return self.builder_.call_te(getattr(topi, _FAST[name]), call.args[0],
-                                         primfunc_name_hint=_FAST[name])
+            fast, hint = _FAST[name]
+            return self.builder_.call_te(fast, call.args[0], primfunc_name_hint=hint)
         if name == "relax.power":
             base, exponent = call.args
             c = _scalar_const(exponent)

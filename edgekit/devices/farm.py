@@ -279,8 +279,8 @@ def profile_remote(artifact: str | Path, tracker: str, key: str, warmup: int = 1
     from edgekit.verify import TensorSpec, seeded_inputs
 
     duration = device_seconds(duration)
-    try:
-        manifest = runtime.read_manifest(artifact)
+    try:  # the bytes uploaded are the bytes hashed, not a second read of model.so
+        manifest, library = runtime.read_artifact(artifact)
     except runtime.ArtifactError as exc:
         raise EdgekitError(str(exc)) from None
     secret = farm_auth.resolve_secret(secret)
@@ -293,7 +293,7 @@ def profile_remote(artifact: str | Path, tracker: str, key: str, warmup: int = 1
         if threads:
             sess.get_function("runtime.config_threadpool")(1, threads)
         used_threads = int(sess.get_function("runtime.NumThreads")())
-        sess.upload(str(Path(artifact) / runtime.LIBRARY), runtime.LIBRARY)
+        sess.upload(bytearray(library), runtime.LIBRARY)
         lib = sess.load_module(runtime.LIBRARY)
         dev = sess.cuda(0) if manifest["target"].get("device") == "cuda" else sess.cpu(0)
         vm = relax.VirtualMachine(lib, dev)

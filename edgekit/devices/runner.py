@@ -48,10 +48,12 @@ def _arch_for(manifest: dict[str, Any], runner: str) -> str:
 def invoke(artifact: str | Path, inputs: Mapping[str, np.ndarray], runner: str = "qemu",
            warmup: int = 10, repeat: int = 100, duration: float | None = None,
            threads: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Run the artifact through the runner; returns ({output name: array}, runner JSON)."""
+    """Run the artifact through the runner; returns ({output name: array}, runner JSON). The
+    runner loads exactly the bytes that were hashed: a sealed memfd it inherits (or a private
+    copy), never the artifact's ``model.so``, which may have changed since the check."""
 
     try:
-        manifest = runtime.read_manifest(artifact)
+        manifest, library = runtime.read_artifact(artifact)
     except runtime.ArtifactError as exc:
         raise EdgekitError(str(exc)) from None
     arch = _arch_for(manifest, runner)
@@ -62,9 +64,9 @@ def invoke(artifact: str | Path, inputs: Mapping[str, np.ndarray], runner: str =
         raise EdgekitError(f"missing input {missing[0]!r}" if missing else
                            f"unknown input {unknown[0]!r}")
     binary, rt = toolchain.build_runner(arch)
-    with tempfile.TemporaryDirectory(prefix="edgekit-runner-") as tmp:
-        cmd = [*toolchain.launcher(arch, rt), str(binary),
-               str(Path(artifact).resolve() / runtime.LIBRARY), "--warmup", str(warmup),
+    with (tempfile.TemporaryDirectory(prefix="edgekit-runner-") as tmp,
+          runtime.library_file(library) as (lib_path, lib_fd)):
+        cmd = [*toolchain.launcher(arch, rt), str(binary), str(lib_path), "--warmup", str(warmup),
                "--repeat", str(repeat), "--out", tmp]
         if duration:
             cmd += ["--duration", str(duration)]
@@ -77,7 +79,8 @@ def invoke(artifact: str | Path, inputs: Mapping[str, np.ndarray], runner: str =
                                    f"{tuple(spec['shape'])}, got {a.dtype} {tuple(a.shape)}")
             np.save(Path(tmp) / f"input_{i}.npy", a)
             cmd.append(str(Path(tmp) / f"input_{i}.npy"))
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True,
+                              pass_fds=() if lib_fd is None else (lib_fd,))
         if proc.returncode != 0:
             lines = proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"]
             raise EdgekitError(f"edgekit-runner ({runner}) failed: {lines[-1]}")

@@ -66,6 +66,7 @@ class HEReport:
     tensors: dict[str, Info] = field(default_factory=dict)
     plain_inputs: list[str] = field(default_factory=list)
     ciphertext_ops: dict[str, int] = field(default_factory=dict)
+    cut: dict | None = None  # the client/server cut made first (``he.cut.Cut.to_dict``)
 
     @property
     def he_friendly(self) -> bool:
@@ -82,6 +83,8 @@ class HEReport:
             "plain_inputs": self.plain_inputs,
             "ciphertext_ops": self.ciphertext_ops,
         }
+        if self.cut is not None:
+            out["cut"] = self.cut
         if tensors:
             out["tensors"] = {k: {"degree": v.degree, "depth": v.depth}
                               for k, v in self.tensors.items()}

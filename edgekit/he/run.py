@@ -29,6 +29,7 @@ class HERun:
     packing: str
     seconds: dict[str, float]  # keys, encrypt, evaluate, decrypt
     trace: list | None = None  # edgekit.he.trace.TraceRow per ciphertext result
+    cut: dict | None = None  # the client/server cut made first (``he.cut.Cut.to_dict``)
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -38,6 +39,8 @@ class HERun:
         }
         if self.trace is not None:
             data["trace"] = [row.to_dict() for row in self.trace]
+        if self.cut is not None:
+            data["cut"] = self.cut
         return data
 
 

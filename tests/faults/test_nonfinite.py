@@ -48,6 +48,12 @@ MODELS = {
         [1, 2, 4, 4], [1, 3, 4, 4],
         [helper.make_tensor("w", TensorProto.FLOAT, [3, 2, 3, 3],
                             np.random.default_rng(0).standard_normal(54).tolist())]),
+    "erf": _model([N("Erf", ["x"], ["y"])], [2, 8], [2, 8]),
+    # GELU's erf form as exporters write it: x * 0.5 * (1 + erf(x / sqrt 2))
+    "gelu_erf": _model(
+        [N("Div", ["x", "sqrt2"], ["s"]), N("Erf", ["s"], ["e"]), N("Add", ["e", "one"], ["a"]),
+         N("Mul", ["x", "a"], ["m"]), N("Mul", ["m", "half_s"], ["y"])], [2, 8], [2, 8],
+        [_scalar("sqrt2", 2.0**0.5), _scalar("one", 1.0), _scalar("half_s", 0.5)]),
 }
 
 
@@ -79,6 +85,26 @@ def test_elementwise_max_min_propagate_nan_like_onnxruntime(tmp_path, name):
             assert nonfinite_mismatch(got, ref) == "", (value, pos)
     x = _probe(shape, np.nan, 1)
     assert np.isnan(model.run(x)["y"]).any()
+
+
+@pytest.mark.parametrize("name", ["erf", "gelu_erf"])
+def test_erf_keeps_nan_and_saturates_inf_like_onnxruntime(tmp_path, name):
+    """Before: a bare Erf turned NaN into 1 (TVM's fast_erf clamps to [-4, 4] with max/min),
+    so the compile check refused the model; after: it compiles (the check's NaN/Inf/1e30
+    probes pass), NaN stays NaN, +-Inf give +-1 exactly, as in onnxruntime."""
+    path, model = _compile(tmp_path, name)
+    session = ort.InferenceSession(str(path))
+    for value in (np.nan, np.inf, -np.inf, 1e30, -1e30):
+        for pos in (0, 1, 5):
+            x = _probe([2, 8], value, pos)
+            ref, got = session.run(None, {"x": x})[0], model.run(x)["y"]
+            assert nonfinite_mismatch(got, ref) == "", (value, pos)
+            finite = np.isfinite(ref)
+            np.testing.assert_allclose(got[finite], ref[finite], rtol=1e-5, atol=1e-6)
+    if name == "erf":
+        y = model.run(np.array([[np.nan, np.inf, -np.inf, 4.0, -4.0, 0, 1, -1]] * 2,
+                               np.float32))["y"][0]
+        assert np.isnan(y[0]) and y[1] == 1.0 and y[2] == -1.0
 
 
 def test_reductions_keep_a_leading_nan(tmp_path):

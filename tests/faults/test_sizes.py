@@ -9,6 +9,7 @@ onnxruntime only after a whole TVM build. Each is now one ``error:`` line within
 from __future__ import annotations
 
 import io
+import json
 import time
 import zipfile
 from pathlib import Path
@@ -20,7 +21,7 @@ from click.testing import CliRunner
 from numpy.lib import format as npy
 from onnx import TensorProto, helper
 
-from edgekit import api, intake
+from edgekit import api, intake, runtime
 from edgekit.cli import cli
 from edgekit.errors import EdgekitError
 
@@ -91,6 +92,37 @@ def test_huge_onnx_input_is_refused_before_the_build(tmp_path):
     assert time.monotonic() - start < 20
     assert "estimated" in line and "GiB" in line and "available" in line
     assert not (tmp_path / "big.edgekit").exists()
+    start = time.monotonic()  # tuning runs the kernels here too: the same check first
+    line = _one_error_line(_cli("tune", str(model), "--trials", "4",
+                                "--tuning-db", str(tmp_path / "db")))
+    assert time.monotonic() - start < 20
+    assert line.startswith("error: tuning big.onnx") and "available" in line
+
+
+def test_load_checks_the_recorded_memory_estimate(tmp_path):
+    """The manifest records the compile-time estimate; load compares it with MemAvailable.
+    Forged to need more than this machine has: one line naming both sizes, from the API and
+    from ``edgekit run``, before anything is loaded."""
+    api.compile(_relu(tmp_path / "m.onnx", [2, 8]), "host", tmp_path / "m.edgekit")
+    manifest_path = tmp_path / "m.edgekit" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["memory"] == {"inputs": 64, "weights": 0, "activations": 64}
+    runtime.load(tmp_path / "m.edgekit")  # fits
+    free = intake.available_memory()
+    if free is None:
+        pytest.skip("no /proc/meminfo here")
+    manifest["memory"]["activations"] = 4 * free
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(runtime.ArtifactError, match=r"needs an estimated .* GiB .* but .* "
+                                                    r"is available"):
+        runtime.load(tmp_path / "m.edgekit")
+    np.save(tmp_path / "x.npy", np.ones((2, 8), np.float32))
+    line = _one_error_line(_run(tmp_path, tmp_path / "x.npy"))
+    assert "recorded at compile time" in line and "available" in line
+    manifest["memory"]["activations"] = -1  # malformed: named by the schema check
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(runtime.ArtifactError, match="memory must be an object"):
+        runtime.load(tmp_path / "m.edgekit")
 
 
 def test_memory_estimate_counts_inputs_weights_and_activations(tmp_path):
