@@ -50,6 +50,33 @@ def _print_ledger(ledger: list[dict], explain: bool) -> None:
         if explain:
             for s in skipped:
                 click.echo(f"    skipped {s['node']}: {s['reason']}")
+            _print_locator(run["details"])
+
+
+def _num(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _print_locator(details: dict) -> None:
+    """quantize-int8's accuracy locator: one row per node, largest error share first."""
+    rows = details.get("locator")
+    if not rows:
+        return
+    cos = details.get("cosine", {})
+    if cos:
+        click.echo(f"    cosine vs float on {cos['samples']} calibration samples: "
+                   f"mean {cos['mean']:.5f}, min {cos['min']:.5f}")
+    click.echo(f"    {'node':<36} {'op':<7} {'prec':<5} {'share':>6} {'act scale':>10} "
+               f"{'zp':>4} {'act dB':>7} {'w scale min..max':>19} {'w dB':>6}")
+    for r in rows:
+        w = (f"{r['weight_scale_min']:.2e}..{r['weight_scale_max']:.2e}"
+             if r.get("weight_scale_min") is not None else "-")
+        click.echo(f"    {r['node'][-36:]:<36} {r['op']:<7} {r['precision']:<5} "
+                   f"{r['error_share']:>6.1%} {_num(r['act_scale'], '.3g'):>10} "
+                   f"{_num(r['act_zero_point'], 'd'):>4} {_num(r['act_sqnr_db'], '.1f'):>7} "
+                   f"{w:>19} {_num(r.get('weight_sqnr_db'), '.1f'):>6}")
+    for node, why in details.get("float_nodes", {}).items():
+        click.echo(f"    float {node}: {why}")
 
 
 @click.command("rewrite")

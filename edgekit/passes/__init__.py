@@ -14,6 +14,7 @@ from edgekit.passes import (
     poly_layernorm,
     poly_softmax,
     power_softmax,
+    quantize_int8,
     rmsnorm_to_crmsnorm,
     token_prune,
 )
@@ -33,6 +34,7 @@ ALL: tuple[Pass, ...] = (
     poly_act.PASS,
     poly_softmax.PASS,
     power_softmax.PASS,
+    quantize_int8.PASS,
 )
 
 

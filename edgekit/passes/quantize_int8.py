@@ -1,0 +1,287 @@
+"""quantize-int8: static W8A8 post-training quantization written as standard QDQ ONNX.
+
+Quantized: MatMul with a constant 2-D weight ``W[K, N]`` (channel axis 1), Gemm with a
+constant B (axis 1, or 0 with ``transB``), Conv with constant weights ``W[M, C/g, …]`` (axis
+0). Each weight becomes an int8 initializer read through ``DequantizeLinear`` (symmetric,
+zero point 0, ``s_c = max|W_c|/127`` per output channel; per tensor with
+``per_channel=false``); biases stay float. The op's activation input ``x`` is read through
+``DequantizeLinear(QuantizeLinear(x, s, z))`` with per-tensor ``s, z`` from the calibration
+``method`` (``_quant``): uint8 asymmetric (what onnxruntime's and x86's u8×s8 dot products
+take) or int8 symmetric (``symmetric=true``). ``mode=dynamic`` reads ``x`` through
+``DynamicQuantizeLinear → DequantizeLinear`` (per-run uint8 range; onnxruntime and TVM's
+Relax importer both convert these two ops, unlike ConvInteger); ``mode=weights`` quantizes
+weights only. Activation × activation MatMuls (attention) stay float unless ``attention``.
+
+Before quantizing, ``smooth=α`` (SmoothQuant) and ``reparam`` (RepQ-ViT) rewrite each
+LayerNormalization read only by linear layers so its outliers fit a per-tensor scale
+(``_quant_reparam``; exact in real arithmetic). Then every candidate node's sensitivity is
+measured: the relative output MSE ``mean ‖y − r‖²/‖r‖²`` when only that node is quantized, on
+the first ``SENSITIVITY_SAMPLES`` samples (its share of the sum is the locator's
+``error_share``). Scores come from onnxruntime's optimized session (its fused int8 kernels: what
+runs); when the QDQ math itself (optimizations off) is better by more than ``SATURATION_GAP``
+in minimum cosine, the ledger says so: on x86 without VNNI, u8×s8 pair sums saturate int16
+(``symmetric=true`` avoids it: s8×s8 kernels; ``reduce_range=true`` quantizes weights to 7 bits,
+±63, as onnxruntime's option of that name). With ``min_cosine > 0`` the most
+sensitive nodes are kept float, greedily, until the minimum cosine of every output against
+the float model over the calibration samples is at least ``min_cosine``; if that needs every
+node float the pass is refused with the best cosine found.
+
+Preconditions: real calibration samples (``--calibration``; seeded inputs are not the model's
+data and are never calibrated on), opset ≥ 13, float32 activations. The check (core) holds
+the result to ``max_error`` norm-wise relative error on the calibration samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from edgekit.errors import EdgekitError
+from edgekit.passes import _quant as q
+from edgekit.passes._ir import Builder, attr, const_array, onnx_opset
+from edgekit.passes._quant_reparam import foldable, reparam_layernorm, smooth_layernorm
+from edgekit.passes.core import Pass, PassContext, PassRefused, PassReport
+
+MODES = ("static", "dynamic", "weights")
+SATURATION_GAP = 0.01  # min-cosine gap between ORT's fused kernels and the QDQ math
+SENSITIVITY_SAMPLES = 8  # one model per node is run: sensitivity on the first few samples
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A node to quantize: its position in graph order, activation inputs and weight."""
+
+    index: int
+    name: str
+    op: str
+    acts: tuple[int, ...]  # input indices quantized as activations
+    weight: int | None  # input index of the constant weight
+    axis: int | None  # the weight's output-channel axis
+
+
+def _candidate(i: int, node: ir.Node, attention: bool) -> Candidate | str:
+    """What to quantize in ``node``, or why it stays float."""
+    op = node.op_type
+    w = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+    if op == "MatMul" and w is None and const_array(node.inputs[0]) is None:
+        if not attention:
+            return "activation × activation MatMul (attention) stays float (attention=true)"
+        return Candidate(i, node.name, op, (0, 1), None, None)
+    if w is None:
+        return f"its weight {node.inputs[1].name!r} is not a constant"
+    if const_array(node.inputs[0]) is not None:
+        return "its first operand is a constant (fold-constants first)"
+    if op == "MatMul" and w.ndim != 2:
+        return f"its weight has rank {w.ndim}, not 2"
+    if op == "Gemm" and attr(node, "transA", 0):
+        return "Gemm with transA=1"
+    axis = 0 if op == "Conv" or (op == "Gemm" and attr(node, "transB", 0)) else 1
+    return Candidate(i, node.name, op, (0,), 1, axis)
+
+
+def _find(model: ir.Model, attention: bool, report: PassReport) -> list[Candidate]:
+    found = []
+    for i, node in enumerate(model.graph):
+        if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm", "Conv"):
+            continue
+        c = _candidate(i, node, attention)
+        bad = [node.inputs[k].name for k in (c.acts if isinstance(c, Candidate) else ())
+               if node.inputs[k].dtype != ir.DataType.FLOAT]
+        if bad:
+            c = f"its input {bad[0]!r} is not float32 (QuantizeLinear's float type here)"
+        if isinstance(c, str):
+            report.skip(node.name, c)
+        else:
+            found.append(c)
+    return found
+
+
+def _outlier_rewrites(model: ir.Model, ctx: PassContext, smooth: float, reparam: bool) -> None:
+    """SmoothQuant migration, then RepQ-ViT reparameterization, on foldable LayerNorms."""
+    report, b = ctx.report, Builder(model.graph)
+    lns = [n for n in model.graph if n.op_type == "LayerNormalization" and n.domain == ""]
+    usable = []
+    for ln in lns:
+        readers, why = foldable(ln)
+        if why:
+            report.skip(ln.name, f"{'smooth' if smooth else 'reparam'}: {why}")
+        else:
+            usable.append((ln, readers))
+    for step in ("smooth", "reparam"):
+        if (step == "smooth" and not smooth) or (step == "reparam" and not reparam) \
+                or not usable:
+            continue
+        obs = q.observe(model, [ln.outputs[0] for ln, _ in usable], ctx.real_samples)
+        done = report.details.setdefault(step, {})
+        for (ln, readers), o in zip(usable, obs, strict=True):
+            if step == "smooth":
+                done[ln.name] = smooth_layernorm(b, ln, readers, o.ch_absmax, smooth)
+            else:
+                done[ln.name] = reparam_layernorm(b, ln, readers, o.ch_lo, o.ch_hi)
+            report.change(f"{step} LayerNorm")
+
+
+def _emit(model: ir.Model, cands: list[Candidate], chosen: set[int], acts: dict,
+          weights: dict, mode: str) -> None:
+    """Write QDQ for the ``chosen`` candidates (by graph index) into ``model``."""
+    nodes, b, dq = list(model.graph), Builder(model.graph), {}
+    for c in cands:
+        if c.index not in chosen:
+            continue
+        node = nodes[c.index]
+        for k in c.acts if mode != "weights" else ():
+            x = node.inputs[k]
+            if x.name not in dq:
+                dq[x.name] = q.emit_activation(b, x, acts.get(x.name), node)
+            node.replace_input_with(k, dq[x.name])
+        if c.weight is not None:
+            q.emit_weight(b, node, c.weight, const_array(node.inputs[c.weight]), weights[c.index])
+
+
+class _Trial:
+    """Quantizes copies of the float model and scores them on the real samples."""
+
+    def __init__(self, model: ir.Model, cands: list[Candidate], acts: dict, weights: dict,
+                 mode: str, samples: list[dict]):
+        self.proto, self.cands, self.acts, self.weights = ir.to_proto(model), cands, acts, weights
+        self.mode, self.samples = mode, samples
+        self.ref = q.run_all(self.proto, samples)
+
+    def outputs(self, chosen: set[int], fused: bool = True) -> list[list]:
+        copy = ir.from_proto(self.proto)
+        _emit(copy, self.cands, chosen, self.acts, self.weights, self.mode)
+        return q.run_all(ir.to_proto(copy), self.samples, fused)
+
+    def cosine(self, chosen: set[int], fused: bool = True) -> np.ndarray:
+        return q.cosines(self.outputs(chosen, fused), self.ref)
+
+
+def _mixed_precision(trial: _Trial, errors: dict[int, float], min_cosine: float,
+                     report: PassReport) -> set[int]:
+    """Keep the most sensitive nodes float until the minimum cosine reaches ``min_cosine``."""
+    chosen = set(errors)
+    cos = trial.cosine(chosen)
+    for index in sorted(errors, key=errors.get, reverse=True):
+        if cos.min() >= min_cosine:
+            break
+        chosen.discard(index)
+        if not chosen:
+            raise PassRefused(
+                f"min_cosine {min_cosine:g} is not met even with only one node quantized "
+                f"(best minimum cosine {cos.min():.4f}); lower min_cosine or use mode=weights")
+        name = trial.cands[[c.index for c in trial.cands].index(index)].name
+        report.details["float_nodes"][name] = (
+            f"kept float: min cosine {cos.min():.4f} < {min_cosine:g} with it quantized "
+            f"(error share rank {len(errors) - len(chosen)})")
+        cos = trial.cosine(chosen)
+    return chosen
+
+
+def apply(model: ir.Model, ctx: PassContext, *, mode: str = "static",
+          method: str = "minmax", percentile: float = 99.99, per_channel: bool = True,
+          symmetric: bool = False, reduce_range: bool = False, attention: bool = False,
+          reparam: bool = False, smooth: float = 0.0, min_cosine: float = 0.0,
+          max_error: float = 1.0) -> PassReport:
+    report = ctx.report
+    if mode not in MODES:
+        raise EdgekitError(f"quantize-int8: mode={mode!r}: expected one of {', '.join(MODES)}")
+    if method not in q.METHODS:
+        raise EdgekitError(f"quantize-int8: method={method!r}: expected one of "
+                           f"{', '.join(q.METHODS)}")
+    if not 0 <= min_cosine <= 1 or not 0 <= smooth <= 1 or not 50 < percentile <= 100:
+        raise EdgekitError("quantize-int8: min_cosine and smooth must lie in [0, 1], "
+                           "percentile in (50, 100]")
+    samples = ctx.real_samples
+    if not samples:
+        raise PassRefused("int8 ranges are calibrated on real inputs only and none were given: "
+                          "pass --calibration FILE.npz (seeded inputs are not the model's data)")
+    if onnx_opset(model) < 13:
+        raise PassRefused(f"opset {onnx_opset(model)} < 13: per-channel DequantizeLinear needs 13")
+    if (reparam or smooth) and mode == "weights":
+        report.skip("(model)", "reparam/smooth change activation ranges only: not with "
+                               "mode=weights")
+    elif reparam or smooth:
+        _outlier_rewrites(model, ctx, smooth, reparam)
+    cands = _find(model, attention, report)
+    if mode == "weights":  # an activation × activation MatMul has no weight to quantize
+        for c in [c for c in cands if c.weight is None]:
+            report.skip(c.name, "activation × activation MatMul: no weight (mode=weights)")
+        cands = [c for c in cands if c.weight is not None]
+    if not cands:
+        return report
+    nodes = list(model.graph)
+    values = list({nodes[c.index].inputs[k].name: nodes[c.index].inputs[k]
+                   for c in cands for k in c.acts}.values())
+    observers = dict(zip([v.name for v in values], q.observe(model, values, samples),
+                         strict=True))
+    acts = {name: q.activation_params(*q.activation_range(o, method, percentile, symmetric),
+                                      symmetric) for name, o in observers.items()}
+    weights = {c.index: q.weight_params(const_array(nodes[c.index].inputs[c.weight]), c.axis,
+                                        per_channel, 63 if reduce_range else 127)
+               for c in cands if c.weight is not None}
+    static_acts = acts if mode == "static" else {}
+    trial = _Trial(model, cands, static_acts, weights, mode, samples)
+    few = _Trial(model, cands, static_acts, weights, mode, samples[:SENSITIVITY_SAMPLES])
+    errors = {c.index: q.relative_mse(few.outputs({c.index}), few.ref) for c in cands}
+    report.details["float_nodes"] = {}
+    chosen = set(errors)
+    if min_cosine > 0:
+        chosen = _mixed_precision(trial, errors, min_cosine, report)
+    cos = trial.cosine(chosen)
+    exact = trial.cosine(chosen, fused=False)
+    report.details["cosine"] = {"mean": float(cos.mean()), "min": float(cos.min()),
+                                "samples": len(samples), "qdq_math_min": float(exact.min())}
+    if exact.min() - cos.min() > SATURATION_GAP:
+        report.skip("(model)", (
+            f"onnxruntime's fused int8 kernels on this CPU give min cosine {cos.min():.4f} "
+            f"where the QDQ math gives {exact.min():.4f}: u8×s8 products saturate int16 on "
+            "x86 without VNNI; symmetric=true (s8×s8 kernels) avoids it"))
+    report.details["locator"] = _locator(cands, nodes, chosen, errors, observers, acts,
+                                         weights, mode, method)
+    _emit(model, cands, chosen, static_acts, weights, mode)
+    for c in cands:
+        if c.index in chosen:
+            report.change(f"int8 {c.op}")
+    return report
+
+
+def _locator(cands: list[Candidate], nodes: list[ir.Node], chosen: set[int],
+             errors: dict[int, float], observers: dict, acts: dict, weights: dict, mode: str,
+             method: str) -> list[dict]:
+    """Per candidate node: its quantizers, their SQNR and its share of the output error."""
+    total = sum(errors.values()) or 1.0
+    rows = []
+    for c in cands:
+        node = nodes[c.index]
+        x = node.inputs[c.acts[0]].name
+        a = acts[x]
+        row = {"node": c.name, "op": c.op, "precision": "int8" if c.index in chosen else "float",
+               "error_share": errors[c.index] / total, "rel_mse_alone": errors[c.index],
+               "activation": x, "method": "none" if mode == "weights" else
+               "dynamic" if mode == "dynamic" else method,
+               "act_scale": float(a.scale) if mode == "static" else None,
+               "act_zero_point": int(a.zero_point) if mode == "static" else None,
+               "act_sqnr_db": None if mode == "weights" else
+               q.sqnr_db(observers[x].values(), a.fake(observers[x].values()))}
+        if c.weight is not None:
+            w = const_array(node.inputs[c.weight]).astype(np.float64)
+            wq = weights[c.index]
+            row.update(weight_axis=wq.axis, weight_scale_min=float(wq.scale.min()),
+                       weight_scale_max=float(wq.scale.max()),
+                       weight_sqnr_db=q.sqnr_db(w, wq.fake(w)))
+        rows.append(row)
+    return sorted(rows, key=lambda r: -r["error_share"])
+
+
+PASS = Pass(
+    name="quantize-int8",
+    summary="static W8A8 post-training quantization as QDQ ONNX (per-channel int8 weights, "
+            "calibrated activations, outlier reparameterizations, mixed precision)",
+    exact=False,
+    apply=apply,
+    fitted=True,
+    budget=1.0,
+    budget_param="max_error",
+)
