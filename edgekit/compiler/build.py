@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 
 from edgekit import verify
+from edgekit.compiler import qdq_check
 from edgekit.compiler.pipeline import prepare
 from edgekit.compiler.progress import Progress, no_progress
 from edgekit.compiler.tune import TuningRequest
@@ -28,13 +29,16 @@ def build(mod, target: Target, tuning: TuningRequest | None = None,
           progress: Progress = no_progress, info: dict | None = None):
     """Compile a Relax module for ``target`` and return the executable. On CPU targets the
     kernels are scheduled first (``pipeline.prepare``: tuning when ``tuning.tune``, records
-    from the tuning database, default schedules); ``info`` receives that record."""
+    from the tuning database, default schedules); ``info`` receives that record and
+    ``int8_kernels`` (``qdq.int8_kernels``)."""
     import tvm
 
     if target.device == "cpu":
+        from edgekit.compiler.qdq import int8_kernels
+
         mod, record = prepare(mod, target, tuning, progress)
-        if info is not None:
-            info.update(record)
+        if info is not None:  # int8_kernels: for the manifest's quantization record
+            info.update(record, int8_kernels=int8_kernels(mod))
     try:
         return tvm.compile(mod, target=target.tvm_target())
     except Exception as exc:
@@ -81,7 +85,11 @@ def check_library(library: Path, model: onnx.ModelProto, specs: Sequence[TensorS
     are NaN-propagating, ``compiler.nan_propagation``), nothing finite turns non-finite.
     Finite elements are not compared there (a 1e30 input makes tolerance meaningless). The
     first element, because onnxruntime's max/min reductions keep a NaN only when it comes
-    first; elsewhere they drop it while the library keeps it."""
+    first; elsewhere they drop it while the library keeps it.
+
+    A quantized model (``qdq_check.QUANTIZED_OPS``) is compared with onnxruntime without its
+    QDQ fusions, each output within ``atol + rtol * max|ref|`` plus ``FLIP_STEPS`` times its
+    quantization step or its measured sensitivity (``compiler.qdq_check`` derives both)."""
     import tvm
     from tvm import relax
 
@@ -92,10 +100,19 @@ def check_library(library: Path, model: onnx.ModelProto, specs: Sequence[TensorS
         result = vm["main"](*(tvm.runtime.tensor(a, device) for a in inputs.values()))
         return [result.numpy()] if hasattr(result, "numpy") else [t.numpy() for t in result]
 
-    session = verify.ort_session(model)
+    names = [o.name for o in outputs]
     inputs = verify.seeded_inputs(specs, seed=0)
-    comparisons = verify.compare([o.name for o in outputs], run(inputs),
-                                 verify.run_ort(session, inputs), atol, rtol)
+    if qdq_check.has_qdq(model):  # the QDQ graph's own math, plus steps (compiler.qdq_check)
+        session = qdq_check.reference_session(model)
+        allow = qdq_check.tolerances(model, inputs, names)
+        comparisons = [verify.compare([n], [qdq_check.as_number(y)], [qdq_check.as_number(r)],
+                                      atol + allow[n]["allowance"], rtol)[0]
+                       for n, y, r in zip(names, run(inputs), verify.run_ort(session, inputs),
+                                          strict=True)]
+    else:
+        session = verify.ort_session(model)
+        comparisons = verify.compare(names, run(inputs), verify.run_ort(session, inputs),
+                                     atol, rtol)
     for spec in specs:
         if np.dtype(spec.dtype).kind != "f" or not np.prod(spec.shape):
             continue

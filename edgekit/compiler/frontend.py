@@ -4,13 +4,13 @@ Steps of ``to_relax``:
 
 1. ``tidy_onnx`` (onnx-ir): Constant nodes become initializers (TVM cannot read
    ``Constant(value_ints)``); n-ary Sum becomes a chain of Add; a Dropout whose mask is unused
-   becomes Identity (see ``tidy_onnx`` for why);
+   becomes Identity; QLinearMatMul/QLinearConv/ConvInteger become QDQ (see ``tidy_onnx``);
 2. ``unsupported_nodes``: every op TVM's ONNX frontend has no converter for, all of them with
    node names, before trying (one ``EdgekitError``);
 3. TVM's ONNX import with static input shapes;
 4. ``relax_rewrites``: one ``tvm.transform.Sequential`` of edgekit's Relax module passes, in
-   order ``BoundedTake``, ``FastMath``, ``SplitGroupedConvs``, ``ChannelsLast``,
-   ``PropagateNaN`` (each module
+   order ``LowerQDQ``, ``Int8Kernels``, ``BoundedTake``, ``FastMath``, ``SplitGroupedConvs``,
+   ``ChannelsLast``, ``PropagateNaN``, ``ExactQuantize`` (each module
    of this package says what it rewrites and why TVM's own pass was not enough).
 """
 
@@ -33,7 +33,9 @@ def unsupported_nodes(model: onnx.ModelProto) -> list[tuple[str, str]]:
     """(op_type, node name) of every node TVM's ONNX frontend has no converter for."""
     from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
-    known = set(_get_convert_map()) | {"Constant", "If"}
+    from edgekit.compiler.qlinear import CONVERTED  # tidy_onnx rewrites them into QDQ
+
+    known = set(_get_convert_map()) | {"Constant", "If"} | set(CONVERTED)
     missing = []
     for i, node in enumerate(model.graph.node):
         if node.domain not in ("", "ai.onnx") or node.op_type not in known:
@@ -51,13 +53,18 @@ def tidy_onnx(model: onnx.ModelProto) -> onnx.ModelProto:
     - n-ary Sum -> a chain of Add, ((a + b) + c) ...: the same float sums in the same order
       (TVM imports Sum as stack + reduce: a copy of every input into a 5-D tensor);
     - Dropout (inference: the identity) whose mask output is unused -> Identity (TVM imports
-      it as a tuple-valued op that the layout pass cannot follow)."""
+      it as a tuple-valued op that the layout pass cannot follow);
+    - QLinearMatMul, QLinearConv, ConvInteger (no TVM converter) -> their QDQ form
+      (``compiler.qlinear``)."""
     import onnx_ir as ir
     from onnx_ir.passes.common import LiftConstantsToInitializersPass
+
+    from edgekit.compiler.qlinear import to_qdq
 
     work = ir.from_proto(model)
     LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(work)
     graph = work.graph
+    to_qdq(graph, _replace)  # QLinearMatMul, QLinearConv, ConvInteger -> QDQ form
     for i, node in enumerate(list(graph)):
         name = node.name or f"{node.op_type}#{i}"
         if node.domain == "" and node.op_type == "Sum" and len(node.inputs) >= 2:
@@ -93,29 +100,42 @@ def _replace(graph: ir.Graph, old: ir.Node, new: list[ir.Node]) -> None:
 def relax_rewrites(progress: Progress = no_progress):
     """edgekit's Relax module passes, in the order ``to_relax`` runs them: Gather in clip mode,
     fast float32 math, narrow grouped convs split per group (which needs NCHW, so before the
-    layout change), 2-D convs in NHWC, then NaN-propagating relu/clip/max/min (last: the
-    layout pass follows ``nn.relu`` and ``clip`` through, not the kernels they become)."""
+    layout change), 2-D convs in NHWC, then NaN-propagating relu/clip/max/min (late: the
+    layout pass follows ``nn.relu`` and ``clip`` through, not the kernels they become).
+    First of all, QDQ matmuls/convs become integer ones (``LowerQDQ``: later passes see the
+    int8 ops), then those with constant weights become packed-weight integer kernels
+    (``Int8Kernels``); last, ``R.quantize`` becomes onnxruntime's QuantizeLinear compute
+    (``ExactQuantize``: the layout pass follows ``R.quantize``, not a kernel)."""
     import tvm
 
     from edgekit.compiler.bounded_take import BoundedTake
     from edgekit.compiler.channels_last import ChannelsLast
     from edgekit.compiler.fast_math import FastMath
     from edgekit.compiler.grouped_conv import SplitGroupedConvs
+    from edgekit.compiler.int8_kernels import Int8Kernels
     from edgekit.compiler.nan_propagation import PropagateNaN
+    from edgekit.compiler.qdq import ExactQuantize, LowerQDQ
 
     return tvm.transform.Sequential(
-        [BoundedTake(), FastMath(), SplitGroupedConvs(), ChannelsLast(progress), PropagateNaN()],
+        [LowerQDQ(), Int8Kernels(), BoundedTake(), FastMath(), SplitGroupedConvs(),
+         ChannelsLast(progress),
+         PropagateNaN(), ExactQuantize()],
         name="edgekit.RelaxRewrites")
 
 
 def to_relax(model: onnx.ModelProto, specs: Sequence[TensorSpec],
-             progress: Progress = no_progress):
+             progress: Progress = no_progress, tvm_target=None):
     """Import an ONNX model into a Relax IRModule with static input shapes: what both compiling
-    and tuning lower (the steps are in the module docstring)."""
+    and tuning lower (the steps are in the module docstring). ``tvm_target`` is put in scope
+    for the Relax passes: `Int8Kernels` picks its instruction from it (default: this CPU)."""
     from tvm.relax.frontend import onnx as relax_onnx
 
+    from edgekit.compiler.qlinear import CONVERTED
+
     model = tidy_onnx(model)
-    missing = unsupported_nodes(model)
+    missing = unsupported_nodes(model) + [  # the ones tidy_onnx could not convert
+        (n.op_type, n.name or f"node #{i}") for i, n in enumerate(model.graph.node)
+        if n.op_type in CONVERTED and n.domain in ("", "ai.onnx")]
     if missing:
         ops = sorted({op for op, _ in missing})
         where = ", ".join(f"{name} ({op})" for op, name in missing[:10])
@@ -130,4 +150,7 @@ def to_relax(model: onnx.ModelProto, specs: Sequence[TensorSpec],
         )
     except Exception as exc:
         raise EdgekitError(f"TVM's ONNX import failed: {last_line(exc)}") from exc
-    return relax_rewrites(progress)(mod)
+    if tvm_target is None:
+        return relax_rewrites(progress)(mod)
+    with tvm_target:  # passes that pick instructions (Int8Kernels) read the target in scope
+        return relax_rewrites(progress)(mod)

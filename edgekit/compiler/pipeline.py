@@ -84,7 +84,7 @@ def tune_model(onnx_path: str | Path, target: str, inputs=(), trials: int | None
     model = intake.load_onnx(onnx_path, inputs)
     specs = verify.onnx_input_specs(model, inputs)
     progress("importing into TVM Relax")
-    mod = lower(to_relax(model, specs, progress), tgt.tvm_target())
+    mod = lower(to_relax(model, specs, progress, tgt.tvm_target()), tgt.tvm_target())
     path = db_dir(tgt, db)
     stats = tune(mod, tgt, path, trials, minutes, progress)
     _, counts = apply_database(mod, tgt.tvm_target(), path, quiet=True)

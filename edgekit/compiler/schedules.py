@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-from edgekit.compiler import tiling
+from edgekit.compiler import int8_schedule, tiling
 
 # The PrimFunc attribute that marks a kernel as scheduled (by a tuning record or by this rule):
 # later steps leave such kernels alone.
@@ -198,7 +198,10 @@ def apply_default(mod, tvm_target) -> tuple[Any, int]:
             continue
         if func.attrs and func.attrs.get(SCHEDULED):
             continue
-        new = schedule_func(func, cores)
+        # Int8Kernels' packed int8 GEMMs get their own schedule (int8_schedule), the rest this
+        # rule; an int8 kernel that schedule does not fit falls back to this rule
+        new = int8_schedule.schedule(func, tvm_target, cores)
+        new = schedule_func(func, cores) if new is None else new
         if new is None:
             continue
         for key, value in (func.attrs or {}).items():
