@@ -24,6 +24,7 @@ _MODULES = (
     "tiny_gpt",
     "tiny_vit",
     "digits_vit",
+    "digits_cnn",
 )
 
 
