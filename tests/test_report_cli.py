@@ -1,6 +1,6 @@
 """``profile --save/--assert/--baseline/--duration auto`` and ``report`` on a real compiled
 artifact (a Conv+BatchNorm model compiled with the fold-bn pass, so its run carries a real
-pass ledger), and the run it writes checked against the schema."""
+pass ledger), the run it writes checked against the schema, and its memory section."""
 
 from __future__ import annotations
 
@@ -77,7 +77,8 @@ def test_profile_json_follows_the_schema(saved_run, bn_artifact):
 
 def test_assert_and_baseline_gate(saved_run, bn_artifact, tmp_path):
     path, run = saved_run
-    common = ("profile", bn_artifact, "--warmup", "1", "--repeat", "30", "--threads", "1")
+    common = ("profile", bn_artifact, "--warmup", "1", "--repeat", "30", "--threads", "1",
+              "--no-memory")
     r = invoke(*common, "--assert", "p99<100s", "--assert", "median>0ms")
     assert r.exit_code == 0, r.output
     out = tmp_path / "again.json"
@@ -86,6 +87,7 @@ def test_assert_and_baseline_gate(saved_run, bn_artifact, tmp_path):
     assert r.output.strip().splitlines()[-1].startswith("error: assertion 'p99<0.0001us' "
                                                          "failed: p99 ")
     assert load_run(out)["iterations"] == 30  # the run is saved before the gate fails
+    assert "memory" not in load_run(out)  # --no-memory
     # baselines derived from the real run: 10x faster before (a regression now), 10x slower
     for factor, code in ((0.1, 1), (10.0, 0)):
         base = json.loads(json.dumps(run))
@@ -113,7 +115,7 @@ def test_gate_usage_errors_fail_before_timing(bn_artifact, tmp_path):
 
 def test_duration_auto(bn_artifact):
     r = invoke("profile", bn_artifact, "--warmup", "2", "--duration", "auto:1", "--threads",
-               "1", "--json")
+               "1", "--json", "--no-memory")
     assert r.exit_code == 0, r.output
     run = json.loads(r.output)
     steady = run["phases"]["steady"]["edgekit"]
@@ -131,6 +133,9 @@ def test_report_command_writes_html_and_svg(saved_run, tmp_path):
     assert r.exit_code == 0 and f"wrote {html}" in r.output, r.output
     page = html.read_text()
     assert page.count('class="violin"') == 2 and "fold-bn" in page
+    memory = page[page.index('<h2 id="memory">'):page.index('<h2 id="pass-ledger">')]
+    assert "<td>edgekit</td>" in memory and "<td>ort</td>" in memory
+    assert "VM planned workspace" in memory and " MiB" in memory
     assert "BatchNormalization 1→0" in page and 'id="environment"' in page
     assert chart.read_text().startswith("<svg") and chart.read_text().count("<polygon") == 2
     r = invoke("report", path)
@@ -140,3 +145,41 @@ def test_report_command_writes_html_and_svg(saved_run, tmp_path):
     r = invoke("report", bad, "-o", tmp_path / "x.html")
     assert r.exit_code == 1 and r.output.startswith("error: ") and len(r.output.splitlines()) == 1
     assert not (tmp_path / "x.html").exists()
+
+
+def test_profile_measures_memory(saved_run, bn_artifact):
+    """Sizes equal the files'; every engine's RSS grows to load the model and stays in a
+    plausible range; the VM's plan holds at least the output (1x8x16x16 float32)."""
+    _, run = saved_run
+    memory = run["memory"]
+    files = [p for p in bn_artifact.iterdir() if p.is_file()]
+    assert memory["artifact"] == {"library_bytes": (bn_artifact / "model.so").stat().st_size,
+                                  "total_bytes": sum(p.stat().st_size for p in files),
+                                  "files": len(files)}
+    assert set(memory["engines"]) == {"edgekit", "ort"}
+    for m in memory["engines"].values():
+        assert 0 < m["load_bytes"] <= m["total_bytes"] < 512 * 2**20
+        assert m["run_bytes"] <= m["total_bytes"] and m["runs"] == memory["runs"] >= 1
+        assert 0 < m["resident_bytes"] <= m["total_bytes"]
+        assert 2**20 < m["base_rss_bytes"] < 8 * 2**30  # an interpreter with its libraries
+    ws = memory["planned_workspace"]
+    assert ws["storages"] >= 1 and 8 * 16 * 16 * 4 <= ws["bytes"] < 64 * 2**20
+
+
+def test_profile_text_shows_memory(bn_artifact):
+    r = invoke("profile", bn_artifact, "--warmup", "1", "--repeat", "5", "--threads", "1",
+               "--compare", "ort")
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    (head,) = [ln for ln in lines if ln.startswith("memory: artifact ")]
+    assert "VM planned workspace" in head and "storage(s)" in head
+    (ort,) = [ln for ln in lines if ln.strip().startswith("ort ")]
+    assert "peak RSS growth: load " in ort and "edgekit ÷ ort " in ort
+
+
+def test_version_1_runs_are_still_read(saved_run, tmp_path):
+    _, run = saved_run
+    old = {k: v for k, v in run.items() if k != "memory"} | {"schema_version": 1}
+    save_run(old, tmp_path / "v1.json")
+    assert load_run(tmp_path / "v1.json")["schema_version"] == 1
+    assert run["schema_version"] == 2

@@ -191,3 +191,25 @@ def test_html_escapes_names_and_loads_nothing():
 def test_help_has_an_example(command):
     r = invoke(command, "--help")
     assert r.exit_code == 0 and "Example:" in r.output
+
+
+def test_schema_checks_the_memory_object():
+    run = make_run({"edgekit": latencies(11)})
+    run["memory"] = {"artifact": {"library_bytes": 300_000, "total_bytes": 420_000, "files": 3},
+                     "runs": 3, "planned_workspace": {"bytes": 262_696, "storages": 4},
+                     "engines": {"edgekit": {"base_rss_bytes": 61_000_000, "load_bytes": 900_000,
+                                             "run_bytes": 190_000, "total_bytes": 1_090_000,
+                                             "resident_bytes": 1_000_000, "runs": 3}}}
+    assert validate(run) == []
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.validate(run, SCHEMA)
+    broken = json.loads(json.dumps(run))
+    del broken["memory"]["engines"]["edgekit"]["load_bytes"]
+    broken["memory"]["artifact"]["total_bytes"] = -1
+    broken["memory"]["planned_workspace"] = "big"
+    errs = validate(broken)
+    assert "run.memory.engines.edgekit: missing 'load_bytes'" in errs
+    assert "run.memory.artifact.total_bytes: -1 is below 0" in errs
+    assert "run.memory.planned_workspace: expected object or null, got str" in errs
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, SCHEMA)

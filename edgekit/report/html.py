@@ -1,7 +1,8 @@
 """One self-contained HTML page for one or more profile runs: latency violins per engine, a
-statistics table with the median's confidence interval, per-op bars (when the run has
-per-op rows), the pass ledger, the environment, and with several runs a comparison of each
-run against the first. Styles and charts are inline; the page loads nothing.
+statistics table with the median's confidence interval, memory (artifact size, RSS growth to
+load and run per engine, the VM's planned workspace; when the run has it), per-op bars (when
+the run has per-op rows), the pass ledger, the environment, and with several runs a
+comparison of each run against the first. Styles and charts are inline; the page loads nothing.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 from edgekit.errors import EdgekitError
 from edgekit.report import svg
 from edgekit.report.compare import compare_runs, environment_differences
+from edgekit.report.memory import mib
 from edgekit.report.schema import STAT_KEYS, load_run
 
 _CSS = """
@@ -74,6 +76,24 @@ def _stats_section(label: str, run: dict[str, Any]) -> str:
               f' · {phases["warmup_calls"]} warm-up calls · {run["threads"]} threads</p>'
             + "".join(f'<p class="warn">{escape(w)}</p>' for w in run.get("warnings", []))
             + "".join(f'<p class="muted">{escape(n)}</p>' for n in run.get("notes", [])))
+
+
+def _memory_section(label: str, run: dict[str, Any]) -> str:
+    memory = run["memory"]
+    engines = memory["engines"]
+    base = engines.get("edgekit", {}).get("total_bytes")
+    rows = [[escape(e), mib(m["load_bytes"]), mib(m["run_bytes"]), mib(m["total_bytes"]),
+             mib(m["resident_bytes"]),
+             f"{base / m['total_bytes']:.2f}" if base is not None and m["total_bytes"] > 0
+             else "-"] for e, m in engines.items()]
+    art, ws = memory["artifact"], memory["planned_workspace"]
+    planned = ("not measured" if ws is None
+               else f"{mib(ws['bytes'])} in {ws['storages']} storage(s)")
+    return (f"<h3>{escape(label)}: memory</h3>"
+            + _table(["engine", "load", f"first {memory['runs']} runs", "load + run",
+                      "resident after", "edgekit ÷ engine (load + run)"], rows)
+            + f"<p>artifact {mib(art['total_bytes'])} ({art['files']} files; library "
+              f"{mib(art['library_bytes'])}) · VM planned workspace {planned}</p>")
 
 
 def _op_table(run: dict[str, Any], top: int = 15) -> str:
@@ -158,6 +178,14 @@ def render(runs: Sequence[tuple[str, dict[str, Any]]]) -> str:
                  "significant when the bootstrap CI excludes 1 and the change is at least 1%."
                  "</p>"]
     body += [_stats_section(label, r) for label, r in runs]
+    with_memory = [(label, r) for label, r in runs if r.get("memory")]
+    if with_memory:
+        body += ['<h2 id="memory">Memory</h2>', *(_memory_section(lb, r) for lb, r in with_memory),
+                 '<p class="muted">Peak RSS growth, each engine in a fresh process: load = '
+                 "while loading the model, run = over its first calls beyond the loaded size, "
+                 "load + run = the peak over both above the process before loading, resident "
+                 "after = what stays once the runs are done. Planned workspace: the storages "
+                 "the VM's static memory plan allocates per call.</p>"]
     with_ops = [(label, r) for label, r in runs if r.get("per_op")]
     if with_ops:
         body.append("<h2>Per-op time</h2>")

@@ -5,7 +5,8 @@ with a small built-in validator for the keywords the schema uses (so reading a r
 extra package), ``load_run`` reads and checks a run file (or the demo's ``report.json``),
 ``save_run`` writes one atomically. Field meanings: ``docs/profile-schema.md``.
 Top-level objects allow extra keys, so features may add fields without a version bump; a
-change to an existing field's meaning or type bumps ``SCHEMA_VERSION``.
+change to an existing field's meaning or type bumps ``SCHEMA_VERSION``. Version 2 added
+``memory``; a version 1 run is still read (``READ_VERSIONS``): it is a version 2 run without it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from edgekit.errors import EdgekitError
 from edgekit.files import replacing
 
 SCHEMA_NAME = "edgekit-profile"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READ_VERSIONS = (1, 2)
 STAT_KEYS = ("min", "mean", "median", "p90", "p95", "p99", "max", "std", "cv")
 
 _NUM = {"type": "number"}
@@ -28,6 +30,28 @@ _STATS = {"type": "object", "required": list(STAT_KEYS),
           "properties": {k: _MS for k in STAT_KEYS}, "additionalProperties": False}
 _PAIR = {"type": "array", "items": _MS, "minItems": 2, "maxItems": 2}
 _PER_ENGINE = {"type": "object", "additionalProperties": True}
+_BYTES = {"type": "integer", "minimum": 0}
+_GROWTH = {"type": "integer"}  # a difference of two RSS readings
+_MEMORY = {
+    "type": "object", "required": ["artifact", "runs", "engines", "planned_workspace"],
+    "properties": {
+        "artifact": {"type": "object", "required": ["library_bytes", "total_bytes", "files"],
+                     "properties": {"library_bytes": _BYTES, "total_bytes": _BYTES,
+                                    "files": {"type": "integer", "minimum": 1}}},
+        "runs": {"type": "integer", "minimum": 1},
+        "engines": {"type": "object", "additionalProperties": {
+            "type": "object",
+            "required": ["base_rss_bytes", "load_bytes", "run_bytes", "total_bytes",
+                         "resident_bytes", "runs"],
+            "properties": {"base_rss_bytes": _BYTES, "load_bytes": _GROWTH,
+                           "run_bytes": _GROWTH, "total_bytes": _GROWTH,
+                           "resident_bytes": _GROWTH,
+                           "runs": {"type": "integer", "minimum": 1}}}},
+        "planned_workspace": {"type": ["object", "null"], "required": ["bytes", "storages"],
+                              "properties": {"bytes": _BYTES,
+                                             "storages": {"type": "integer", "minimum": 0}}},
+    },
+}
 
 SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -40,7 +64,7 @@ SCHEMA: dict[str, Any] = {
                  "warnings"],
     "properties": {
         "schema": {"const": SCHEMA_NAME},
-        "schema_version": {"const": SCHEMA_VERSION},
+        "schema_version": {"enum": list(READ_VERSIONS)},
         "created": {"type": "string"},
         "artifact": {"type": "string"},
         "target": {"type": "string"},
@@ -107,6 +131,7 @@ SCHEMA: dict[str, Any] = {
                            "onnx_nodes": {"type": "array", "items": {"type": "string"}},
                            "calls": {"type": "integer", "minimum": 0},
                            "total_ms": _MS, "mean_ms": _MS, "share": _NUM}}},
+        "memory": _MEMORY,
         "notes": {"type": "array", "items": {"type": "string"}},
         "warnings": {"type": "array", "items": {"type": "string"}},
     },
@@ -182,9 +207,10 @@ def load_run(path: str | Path) -> dict[str, Any]:
         raise EdgekitError(f"{path} is not an edgekit profile run (no \"schema\": "
                            f"\"{SCHEMA_NAME}\"); write one with edgekit profile --save")
     version = data.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in READ_VERSIONS:
         raise EdgekitError(f"{path}: profile schema version {version!r} is not supported "
-                           f"(this edgekit reads version {SCHEMA_VERSION})")
+                           f"(this edgekit reads versions "
+                           f"{', '.join(map(str, READ_VERSIONS))})")
     errs = validate(data)
     if errs:
         more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""
