@@ -20,7 +20,7 @@ Importing this module is cheap: TVM and torch load inside the functions that nee
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -170,7 +170,13 @@ def rewrite(
     from edgekit import flops
     from edgekit.export import save_onnx
     from edgekit.passes import available
-    from edgekit.passes.core import load_samples, op_counts, parse_pass_list, run_pipeline
+    from edgekit.passes.core import (
+        SeededSample,
+        load_samples,
+        op_counts,
+        parse_pass_list,
+        run_pipeline,
+    )
 
     if not isinstance(model, onnx.ModelProto):
         model = intake.load_onnx(model, inputs)
@@ -183,6 +189,7 @@ def rewrite(
     samples = load_samples(model, inputs, calibration)
     ops_before, flops_before = op_counts(model), flops.try_count(model)
     rewritten, ledger = run_pipeline(model, plan, samples, progress, mode)
+    _set_calibrated_ranges(rewritten, [s for s in samples if not isinstance(s, SeededSample)])
     failed = [r for r in ledger if r.status in ("refused", "rolled-back")]
     if strict and failed:
         raise EdgekitError("strict: " + "; ".join(
@@ -191,6 +198,52 @@ def rewrite(
         save_onnx(rewritten, out)
     return RewriteResult(rewritten, ledger, ops_before, op_counts(rewritten), flops_before,
                          flops.try_count(rewritten))
+
+
+CALIBRATED_RANGES_KEY = "edgekit.calibrated_ranges"
+
+
+def _set_calibrated_ranges(model: onnx.ModelProto, real: list[dict[str, np.ndarray]]) -> None:
+    """Record in the ONNX metadata, per graph input, the min and max over the real calibration
+    samples ``real`` (NaN ignored): ``compile`` copies it into the manifest, and the runtime
+    warns when an input leaves it (``runtime.CompiledModel.run``). Seeded samples are not
+    data: without real ones an earlier record (of passes fitted before) is kept as it is."""
+    if not real:
+        return
+    ranges = {}
+    for name in real[0]:
+        values = np.stack([np.asarray(s[name]) for s in real])
+        if values.dtype.kind in "fiu" and values.size and not np.isnan(values).all():
+            ranges[name] = {"min": float(np.nanmin(values)), "max": float(np.nanmax(values)),
+                            "samples": len(real)}
+    props = [p for p in model.metadata_props if p.key != CALIBRATED_RANGES_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(props)
+    if ranges:
+        import json
+
+        model.metadata_props.add(key=CALIBRATED_RANGES_KEY, value=json.dumps(ranges))
+
+
+def _calibrated_ranges(model: onnx.ModelProto) -> dict[str, Any]:
+    """``{"calibrated_ranges": {...}}`` from the ONNX metadata (see ``_set_calibrated_ranges``),
+    or ``{}``; a record that is not an object of {min, max} is an error naming the key."""
+    import json
+
+    for prop in model.metadata_props:
+        if prop.key == CALIBRATED_RANGES_KEY:
+            try:
+                ranges = json.loads(prop.value)
+            except json.JSONDecodeError:
+                ranges = None
+            if not isinstance(ranges, dict) or not all(
+                    isinstance(r, dict) and {"min", "max"} <= set(r) for r in ranges.values()):
+                raise EdgekitError(f"the model's {CALIBRATED_RANGES_KEY} metadata is not an "
+                                   "object of input name -> {min, max}")
+            names = {i.name for i in model.graph.input}  # a range of nothing left is dropped
+            kept = {k: v for k, v in ranges.items() if k in names}
+            return {"calibrated_ranges": kept} if kept else {}
+    return {}
 
 
 def load_calibration(path: str | Path) -> dict[str, np.ndarray]:
@@ -231,6 +284,8 @@ def compile(  # noqa: A001 - the verb users expect
     records in the tuning database (``tuning_db``, default per target under the user's
     cache) are applied whether or not this call tunes (see ``edgekit.compiler.tune``)."""
     from edgekit import artifact, compiler, runtime
+    from edgekit.compiler import qdq_check
+    from edgekit.compiler.qdq import qdq_counts
     from edgekit.targets import load_target
 
     tgt = load_target(target)
@@ -246,7 +301,7 @@ def compile(  # noqa: A001 - the verb users expect
         model, ledger = rewritten.model, rewritten.ledger_dicts()
     tgt.find_cross_compiler()  # fail before the long compile when the toolchain is missing
     progress("importing into TVM Relax")
-    mod = compiler.to_relax(model, specs, progress)
+    mod = compiler.to_relax(model, specs, progress, tgt.tvm_target())
     progress(f"compiling for {tgt.name}")
     tuning: dict[str, Any] = {}
     executable = compiler.build(
@@ -260,15 +315,26 @@ def compile(  # noqa: A001 - the verb users expect
         compiler.export_library(executable, tgt, tmp / artifact.LIBRARY)
         (tmp / artifact.ONNX_FILE).write_bytes(model.SerializeToString())
         check: dict[str, Any] = {"against": "onnxruntime", "atol": atol, "rtol": rtol}
+        int8_kernels = tuning.pop("int8_kernels", [])
+        if qdq_check.has_qdq(model):  # tolerance in quantization steps, what runs in int8
+            check["quantization"] = {**qdq_counts(mod), "int8_kernels": int8_kernels}
+            if tgt.runs_on_host:  # what check_library allows beyond atol/rtol, per output
+                check["quantization"].update(
+                    reference="onnxruntime without QDQ fusions (ORT_ENABLE_BASIC)",
+                    flip_steps=qdq_check.FLIP_STEPS, nudge=qdq_check.NUDGE,
+                    outputs=qdq_check.tolerances(model, verify.seeded_inputs(specs, seed=0),
+                                                 [o.name for o in outputs]))
         if tgt.runs_on_host:
             progress("verifying against onnxruntime")
             comparisons = compiler.check_library(tmp / artifact.LIBRARY, model, specs, outputs,
                                                  tgt, atol, rtol)
             check["outputs"] = [c.to_dict() for c in comparisons]
             if not all(c.ok for c in comparisons):
+                steps = " plus the quantization allowance" if "quantization" in check else ""
                 raise EdgekitError(
                     f"compiled model differs from onnxruntime beyond tolerance (atol {atol:g}, "
-                    f"rtol {rtol:g}): {verify.describe_failures(comparisons)}; nothing written")
+                    f"rtol {rtol:g}{steps}): {verify.describe_failures(comparisons)}; "
+                    "nothing written")
         else:
             check["skipped"] = f"target {tgt.name} does not run on this machine"
         manifest = artifact.publish(tmp, out, {
@@ -281,6 +347,10 @@ def compile(  # noqa: A001 - the verb users expect
             "verification": check,
             "passes": ledger,
             "tuning": tuning or None,
+            # what runtime.load checks against the memory free where it runs
+            "memory": asdict(intake.estimate_memory(
+                onnx.shape_inference.infer_shapes(model))),
+            **_calibrated_ranges(model),  # the runtime warns on inputs outside them
             **streaming,
         })
     return CompileResult(out, manifest)
@@ -306,12 +376,29 @@ def _output_specs(model: onnx.ModelProto) -> list[TensorSpec]:
 
 
 def run(artifact_path: str | Path, inputs: Mapping[str, np.ndarray],
-        sha256: str | None = None) -> dict[str, np.ndarray]:
-    """Load an artifact (pinned to ``sha256`` when given, see ``verify``) and run it once."""
+        sha256: str | None = None, warn_ranges: bool = True,
+        warn: Callable[[str], None] | None = None) -> dict[str, np.ndarray]:
+    """Load an artifact (pinned to ``sha256`` when given, see ``verify``) and run it once.
+    ``warn_ranges``: warn when an input leaves the range the model's approximate passes were
+    calibrated on (``runtime.CompiledModel.run``); ``warn`` receives each such line (default:
+    Python's ``warnings``)."""
+    import warnings
+
     from edgekit import runtime
 
     try:
-        return runtime.load(artifact_path, sha256=sha256).run(dict(inputs))
+        model = runtime.load(artifact_path, sha256=sha256, warn_ranges=warn_ranges)
+        if warn is None:
+            return model.run(dict(inputs))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", runtime.RangeWarning)
+            outputs = model.run(dict(inputs))
+        for w in caught:
+            if issubclass(w.category, runtime.RangeWarning):
+                warn(str(w.message))
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return outputs
     except (runtime.ArtifactError, ValueError) as exc:
         raise EdgekitError(str(exc)) from None
 
@@ -368,6 +455,7 @@ def profile(artifact_path: str | Path, runner: str | None = None, tracker: str |
         if kwargs.pop("source", None) or kwargs.pop("sha256", None):
             raise EdgekitError("--source and --sha256 apply to profiling in this process, "
                                "not with --runner or --tracker")
+        kwargs.pop("memory", None)  # RSS is measured in local processes only
         return profile_on_device(artifact_path, runner, tracker, key, **kwargs)
     try:
         result = profile_artifact(artifact_path, **kwargs)
@@ -406,6 +494,9 @@ def tune(onnx_path: str | Path, target: str = "host", inputs: Sequence[TensorSpe
     kernels with records, records_skipped: bad database lines passed over, database)."""
     from edgekit.compiler import tune_model
 
+    # tuning runs the kernels here: sizes first, as compile does, not a MemoryError later
+    intake.check_memory(intake.load_onnx(onnx_path, inputs),
+                        f"tuning {Path(onnx_path).name} on this machine")
     return tune_model(onnx_path, target, inputs, trials, tune_minutes, tuning_db, progress)
 
 
@@ -458,29 +549,53 @@ def demo(model: str | None = None, target: str = "host", out: str | Path = "edge
     return DemoResult(report, report_path, onnx_path, art)
 
 
-def he_check(model: onnx.ModelProto | str | Path, plain: Iterable[str] = ()) -> HEReport:
+def he_check(model: onnx.ModelProto | str | Path, plain: Iterable[str] = (),
+             cut_embeddings: bool | str = False) -> HEReport:
     """Whether only HE-evaluable ops touch encrypted data (each offender named with the
     reason), and the (degree, multiplicative depth) of every ciphertext tensor. ``plain``
-    names inputs the server may see in the clear; a file may keep dynamic dims."""
+    names inputs the server may see in the clear; a file may keep dynamic dims.
+    ``cut_embeddings`` (True, or the token-id input's name): check the server's part of a
+    transformer exported from its token ids, the embedding lookup moved to the client
+    (``edgekit.he.cut``; checked against the original on seeded token ids)."""
     from edgekit.he.check import check, load
 
     if not isinstance(model, onnx.ModelProto):
         model = load(model)
-    return check(model, plain)
+    cut = None
+    if cut_embeddings:
+        from edgekit.he.cut import cut_embeddings as cut_lookup
+
+        cut = cut_lookup(model, ids=None if cut_embeddings is True else str(cut_embeddings))
+        model = cut.model
+    report = check(model, plain)
+    report.cut = cut.to_dict() if cut else None
+    return report
 
 
 def he_run(model: onnx.ModelProto | str | Path, inputs: Mapping[str, np.ndarray],
            plain: Iterable[str] = (), scale_bits: int | None = None, packed: bool = False,
-           trace: bool = False) -> HERun:
+           trace: bool = False, cut_embeddings: bool | str = False) -> HERun:
     """Encrypt ``inputs`` (CKKS through TenSEAL; parameters from the depth), evaluate on
     ciphertexts, decrypt, and compare every output with onnxruntime on the same inputs.
     ``packed`` puts the token axis (-2) in the slots; ``trace`` decrypts every intermediate
-    result and compares it too (see ``edgekit.he.run``)."""
+    result and compares it too (see ``edgekit.he.run``). ``cut_embeddings`` (True, or the
+    token-id input's name): ``inputs`` hold token ids; the client looks their embeddings up
+    and the server's part, the graph after the lookup, runs encrypted (``edgekit.he.cut``;
+    checked against the original on these ids first)."""
     from edgekit.he.run import run_against_ort
 
     if not isinstance(model, onnx.ModelProto):
         model = intake.load_onnx(model)
-    return run_against_ort(model, inputs, plain, scale_bits, packed, trace)
+    cut = None
+    if cut_embeddings:
+        from edgekit.he.cut import cut_embeddings as cut_lookup
+
+        cut = cut_lookup(model, [inputs],
+                         ids=None if cut_embeddings is True else str(cut_embeddings))
+        model, inputs = cut.model, cut.client_inputs(inputs)
+    result = run_against_ort(model, inputs, plain, scale_bits, packed, trace)
+    result.cut = cut.to_dict() if cut else None
+    return result
 
 
 def list_graphs() -> dict[str, GraphInfo]:

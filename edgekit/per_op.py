@@ -44,6 +44,11 @@ _PRIMARY: dict[str, set[str]] = {
     "adaptive_avg_pool2d": {"GlobalAveragePool"}, "where": {"Where"}, "astype": {"Cast"},
     "broadcast_to": {"Expand"}, "tile": {"Tile"}, "image_resize2d": {"Resize"},
     "resize2d": {"Resize"}, "cumsum": {"CumSum"},
+    # quantized graphs: quantize, and the integer GEMMs of Int8Kernels
+    # (``fused_edgekit_int8_gemm...``)
+    "quantize": {"QuantizeLinear", "QLinearMatMul", "QLinearConv"},
+    "dequantize": {"DequantizeLinear"},
+    "gemm": {"MatMul", "Gemm", "Conv", "QLinearMatMul", "QLinearConv", "ConvInteger"},
 }
 # ... and ONNX op types it is one part of (bias add of Conv/Gemm, the min of a Clip, ...).
 _PART_OF: dict[str, set[str]] = {
@@ -165,15 +170,17 @@ def time_kernels(vm, device, args: Sequence[Any], warmup: int = 3,
     return sequence, dict(times), runs
 
 
-def rows(times: dict[str, list[float]], repeat: int,
-         mapping: dict[str, list[str]]) -> list[dict[str, Any]]:
-    """The ``per_op`` contract: one row per kernel or builtin, per-run numbers, by total_ms."""
+def rows(times: dict[str, list[float]], repeat: int, mapping: dict[str, list[str]],
+         int8: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """The ``per_op`` contract: one row per kernel or builtin, per-run numbers, by total_ms;
+    ``int8``: the kernel computes in integers (named in ``int8``, the manifest's
+    ``verification.quantization.int8_kernels``: int8/uint8 reads into an int32 sum)."""
     per_run = {k: 1e3 * sum(v) / repeat for k, v in times.items()}
     total = sum(per_run.values()) or 1.0
     counts = {k: len(v) // repeat for k, v in times.items()}
     out = [{"kernel": k, "onnx_nodes": list(mapping.get(k, [])), "calls": counts[k],
             "total_ms": per_run[k], "mean_ms": per_run[k] / max(counts[k], 1),
-            "share": per_run[k] / total} for k in times]
+            "share": per_run[k] / total, "int8": k in int8} for k in times]
     return sorted(out, key=lambda r: r["total_ms"], reverse=True)
 
 
@@ -189,16 +196,19 @@ def profile_per_op(path: str | Path, inputs: dict[str, np.ndarray], warmup: int 
     from tvm import relax
 
     from edgekit import runtime
-    from edgekit.artifact import LIBRARY, ONNX_FILE
+    from edgekit.artifact import ONNX_FILE
 
     model = runtime.load(path)  # checks hashes, machine and device
     device = model.device
-    vm = relax.VirtualMachine(tvm.runtime.load_module(str(Path(path) / LIBRARY)), device)
+    # the library runtime.load loaded from the bytes it hashed: a second read of the path
+    # could run a model.so replaced after the check
+    vm = relax.VirtualMachine(model.library, device)
     args = [tvm.runtime.tensor(np.ascontiguousarray(inputs[i["name"]]), device)
             for i in model.inputs]
     sequence, times, runs = time_kernels(vm, device, args, warmup, repeat)
     mapping = map_kernels(sequence, onnx_nodes(onnx.load(str(Path(path) / ONNX_FILE))))
-    table = rows(times, repeat, mapping)
+    quantization = model.manifest.get("verification", {}).get("quantization") or {}
+    table = rows(times, repeat, mapping, quantization.get("int8_kernels", []))
     return {"per_op": table, "per_op_info": {
         "repeat": repeat,
         "instrumented_run_ms": float(np.mean(runs) * 1e3),

@@ -13,7 +13,7 @@ from edgekit import per_op
 from edgekit.cli import cli
 
 ROW_KEYS = {"kernel": str, "onnx_nodes": list, "calls": int, "total_ms": float,
-            "mean_ms": float, "share": float}
+            "mean_ms": float, "share": float, "int8": bool}
 
 
 @pytest.fixture(scope="module")

@@ -48,12 +48,14 @@ def per_op_table(result: dict[str, Any], top: int = 15) -> None:
                         f"(sum {info['kernel_sum_ms']:.3f} ms, instrumented run "
                         f"{info['instrumented_run_ms']:.3f} ms)")
     for col, justify in (("kernel", "left"), ("calls", "right"), ("total ms", "right"),
-                         ("mean ms", "right"), ("share", "right"), ("ONNX nodes", "left")):
+                         ("mean ms", "right"), ("share", "right"), ("int8", "left"),
+                         ("ONNX nodes", "left")):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for row in result["per_op"][:top]:
         nodes = ", ".join(row["onnx_nodes"][:4]) + (" ..." if len(row["onnx_nodes"]) > 4 else "")
         table.add_row(row["kernel"], str(row["calls"]), f"{row['total_ms']:.3f}",
-                      f"{row['mean_ms']:.4f}", f"{row['share']:.1%}", nodes or "-")
+                      f"{row['mean_ms']:.4f}", f"{row['share']:.1%}",
+                      "int8" if row.get("int8") else "", nodes or "-")
     console = Console()
     console.print(table)
     console.print(f"kernels mapped to ONNX nodes {info['mapping']}")

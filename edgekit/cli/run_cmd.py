@@ -24,8 +24,11 @@ from edgekit.errors import EdgekitError
                    "every frame's output.")
 @click.option("--sha256", metavar="DIGEST",
               help="Refuse the artifact unless its digest (edgekit verify) is DIGEST.")
+@click.option("--no-range-warnings", "no_range_warnings", is_flag=True,
+              help="Do not warn when an input leaves the range the model's approximate "
+                   "passes were calibrated on.")
 def run_cmd(artifact: Path, inputs: tuple[str, ...], output: Path, stream: bool,
-            sha256: str | None) -> None:
+            sha256: str | None, no_range_warnings: bool) -> None:
     """Run an artifact once on inputs from .npy files; write the outputs to an .npz.
 
     With --stream, ARTIFACT is a step artifact (edgekit export --streaming) and the input is
@@ -44,7 +47,9 @@ def run_cmd(artifact: Path, inputs: tuple[str, ...], output: Path, stream: bool,
         if delay:
             click.echo(f"  delay {delay} frame(s): the last {delay} frame(s) need future input")
     else:
-        outputs = api.run(artifact, parse_named_arrays(inputs), sha256=sha256)
+        outputs = api.run(artifact, parse_named_arrays(inputs), sha256=sha256,
+                          warn_ranges=not no_range_warnings,
+                          warn=lambda line: click.echo(f"warning: {line}", err=True))
     api.save_npz(output, outputs)
     for name, arr in outputs.items():
         click.echo(f"  {name}: {arr.dtype} {tuple(arr.shape)}")
@@ -116,16 +121,22 @@ def _engines(compare: str) -> list[str]:
                    "never imported; built-in graphs need no --source).")
 @click.option("--sha256", metavar="DIGEST",
               help="Refuse the artifact unless its digest (edgekit verify) is DIGEST.")
+@click.option("--no-memory", "no_memory", is_flag=True,
+              help="Skip the memory measurement (each engine loaded and run once more, in a "
+                   "fresh process, for its peak RSS).")
 @gate_options
 def profile_cmd(artifact: Path, warmup: int, repeat: int, duration: float | str | None,
                 threads: int | None, compare: str, as_json: bool, save: Path | None,
                 asserts: tuple[str, ...], baseline: Path | None,
                 max_regress: str | None, runner: str | None, tracker: str | None,
-                key: str | None, per_op: bool, source: str | None, sha256: str | None) -> None:
+                key: str | None, per_op: bool, source: str | None, sha256: str | None,
+                no_memory: bool) -> None:
     """Measure an artifact's latency on this machine (or a device: --runner, --tracker).
 
     Prints min/mean/median/p90/p95/p99/max/std/CV and the first-run latency apart;
-    --compare adds onnxruntime (ort) and torch (when the source model is known).
+    --compare adds onnxruntime (ort) and torch (when the source model is known). Then memory:
+    the artifact's size, each engine's peak RSS growth to load the model and over its first
+    runs (each engine in a fresh process), and the VM's planned workspace.
 
     \b
     Example:
@@ -146,7 +157,8 @@ def profile_cmd(artifact: Path, warmup: int, repeat: int, duration: float | str 
         step("profiling")
         result = api.profile(artifact, warmup=warmup, repeat=repeat, duration=duration,
                              compare=_engines(compare), threads=threads, runner=runner,
-                             tracker=tracker, key=key, source=source, sha256=sha256)
+                             tracker=tracker, key=key, source=source, sha256=sha256,
+                             memory=not no_memory)
         if per_op:
             step("per-op profiling")
             result.update(api.per_op(artifact, threads, min(warmup, 5), min(repeat, 50)))
@@ -154,9 +166,31 @@ def profile_cmd(artifact: Path, warmup: int, repeat: int, duration: float | str 
         print_json(result)
     else:
         latency_table(result)
+        if result.get("memory"):
+            _memory_text(result["memory"])
         if per_op:
             per_op_table(result)
     gate.finish(result, quiet=as_json)
+
+
+def _memory_text(memory: dict) -> None:
+    """The run's memory object as lines: artifact size, RSS growth per engine, workspace."""
+    def mib(n: int) -> str:
+        return f"{n / 2**20:.1f} MiB"
+
+    art, ws = memory["artifact"], memory["planned_workspace"]
+    click.echo(f"memory: artifact {mib(art['total_bytes'])} (library "
+               f"{mib(art['library_bytes'])}); VM planned workspace "
+               + ("not measured" if ws is None else f"{mib(ws['bytes'])} in {ws['storages']} "
+                  "storage(s)"))
+    edgekit = memory["engines"].get("edgekit", {}).get("total_bytes")
+    for engine, m in memory["engines"].items():
+        ratio = (f", edgekit ÷ {engine} {edgekit / m['total_bytes']:.2f}"
+                 if engine != "edgekit" and edgekit is not None and m["total_bytes"] > 0 else "")
+        click.echo(f"  {engine:<8} peak RSS growth: load {mib(m['load_bytes'])}, first "
+                   f"{m['runs']} runs {mib(m['run_bytes'])}, load + run "
+                   f"{mib(m['total_bytes'])} (resident after: {mib(m['resident_bytes'])})"
+                   f"{ratio}")
 
 
 @click.command("demo")
