@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekit.errors import EdgekitError
-from edgekit.runtime import LIBRARY, MANIFEST, SCHEMA_VERSION, sha256_file
+from edgekit.manifest import LIBRARY, MANIFEST, SCHEMA_VERSION, sha256_file
 from edgekit.scratch import host_name, process_alive
 
 ONNX_FILE = "model.onnx"

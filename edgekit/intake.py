@@ -24,8 +24,8 @@ from typing import Any
 
 import onnx
 
-from edgekit import runtime
 from edgekit.errors import EdgekitError, first_line
+from edgekit.manifest import available_memory, human_bytes
 from edgekit.verify import TensorSpec, onnx_input_specs
 
 
@@ -162,11 +162,6 @@ def estimate_memory(model: onnx.ModelProto) -> MemoryEstimate:
     others = sorted((_tensor_bytes(v) for v in [*model.graph.value_info, *model.graph.output]),
                     reverse=True)
     return MemoryEstimate(inputs, weights, sum(others[:2]))
-
-
-# one reading of MemAvailable and one size format for compile time and load time
-available_memory = runtime.available_memory
-human_bytes = runtime.human_bytes
 
 
 def check_memory(model: onnx.ModelProto, what: str = "running the model") -> MemoryEstimate:

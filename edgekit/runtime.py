@@ -20,269 +20,50 @@ import contextlib
 import ctypes
 import functools
 import hashlib
-import importlib.util
 import json
+import mmap
 import os
 import platform
-import struct
-import sys
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
-LIBRARY = "model.so"
+from edgekit.hashed_library import (
+    Image,
+    cuda_available,
+    func,
+    load_library,
+    read_hashed,
+    read_nofollow,
+    runtime_ffi,
+)
+from edgekit.manifest import (
+    LIBRARY,
+    MANIFEST,
+    ArtifactError,
+    elf_problem,
+    is_int,
+    manifest_problems,
+    memory_problem,
+    sha256_file,
+)
+
 _POOLED_ALLOCATOR = 2  # the Relax VM's allocator kinds: 1 naive, 2 pooled (what tvm uses)
-
-
-class ArtifactError(ValueError):
-    """The artifact is missing, malformed, tampered with, or built for another machine (or
-    TVM's runtime, which runs it, is not installed)."""
 
 
 class RangeWarning(UserWarning):
     """An input left the range the model's approximate (fitted) passes were calibrated on."""
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-# ---- the manifest's schema: every problem named, never a KeyError or TypeError later ----
-
-_HEX = frozenset("0123456789abcdef")
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _tensor_problems(field: str, items: Any, min_dim: int) -> list[str]:
-    if not isinstance(items, list):
-        return [f"{field} must be a list"]
-    out = []
-    for i, t in enumerate(items):
-        where = f"{field}[{i}]"
-        if not isinstance(t, dict):
-            out.append(f"{where} must be an object")
-            continue
-        if not isinstance(t.get("name"), str):
-            out.append(f"{where}.name must be a string")
-        shape = t.get("shape")
-        if not (isinstance(shape, list) and all(_is_int(d) and d >= min_dim for d in shape)):
-            out.append(f"{where}.shape must be a list of integers >= {min_dim}")
-        try:
-            if not isinstance(t.get("dtype"), str):
-                raise TypeError
-            if min_dim >= 0:  # inputs and states are built and checked with numpy
-                np.dtype(t["dtype"])
-        except (TypeError, ValueError):
-            out.append(f"{where}.dtype must name a numpy dtype, not {t.get('dtype')!r}")
-        if t.get("high") is not None and not _is_int(t["high"]):
-            out.append(f"{where}.high must be an integer")
-    return out
-
-
-def _streaming_problems(s: Any) -> list[str]:
-    if not isinstance(s, dict):
-        return ["streaming must be an object"]
-    out = [f"streaming.{k} must be an integer >= 0" for k in ("chunk", "delay", "time_axis")
-           if (k in s or k != "time_axis") and not (_is_int(s.get(k)) and s[k] >= 0)]
-    out += [f"streaming.{k} must be a string" for k in ("frame_input", "frame_output")
-            if not isinstance(s.get(k), str)]
-    states = s.get("states")
-    if not isinstance(states, list) or not all(isinstance(st, dict) for st in states):
-        return [*out, "streaming.states must be a list of objects"]
-    out += _tensor_problems("streaming.states", [{**st, "name": st.get("input")}
-                                                 for st in states], 0)
-    for i, st in enumerate(states):
-        if not isinstance(st.get("output"), str):
-            out.append(f"streaming.states[{i}].output must be a string")
-        if not isinstance(st.get("init"), int | float) or isinstance(st.get("init"), bool):
-            out.append(f"streaming.states[{i}].init must be a number")
-    return out
-
-
-def manifest_problems(manifest: Any) -> list[str]:
-    """Every way ``manifest`` breaks the artifact schema (version 1), one line each."""
-    if not isinstance(manifest, dict):
-        return ["the manifest must be a JSON object"]
-    m, out = manifest, []
-    if m.get("schema_version") != SCHEMA_VERSION:
-        return [f"unsupported schema version {m.get('schema_version')!r}"]
-    files = m.get("files")
-    if not isinstance(files, dict) or LIBRARY not in files:
-        out.append(f"files must be an object of file name -> sha256 that lists {LIBRARY}")
-    else:
-        for name, digest in files.items():
-            if "/" in name or "\\" in name or name in ("", ".", "..", MANIFEST):
-                out.append(f"manifest lists a file outside the artifact: {name}")
-            if not (isinstance(digest, str) and len(digest) == 64 and set(digest) <= _HEX):
-                out.append(f"files[{name!r}] must be a sha256 (64 lowercase hex digits)")
-    target = m.get("target")
-    if not (isinstance(target, dict) and isinstance(target.get("name"), str)):
-        out.append("target must be an object with a string name")
-    else:
-        out += [f"target.{k} must be a string" for k in ("machine", "device")
-                if target.get(k) is not None and not isinstance(target[k], str)]
-    out += _tensor_problems("inputs", m.get("inputs"), 0)
-    out += _tensor_problems("outputs", m.get("outputs"), -1)
-    for key, kind in (("created", str), ("versions", dict), ("source", dict),
-                      ("verification", dict), ("passes", list), ("tuning", dict)):
-        if m.get(key) is not None and not isinstance(m[key], kind):
-            out.append(f"{key} must be a{'n' if kind is dict else ''} "
-                       f"{ {str: 'string', dict: 'object', list: 'list'}[kind]}")
-    src = m.get("source")
-    if isinstance(src, dict):
-        out += [f"source.{k} must be a string" for k in ("kind", "spec", "weights")
-                if src.get(k) is not None and not isinstance(src[k], str)]
-    if "streaming" in m:
-        out += _streaming_problems(m["streaming"])
-    out += _ranges_problems(m.get("calibrated_ranges"), m.get("inputs"))
-    mem = m.get("memory")
-    if mem is not None and not (isinstance(mem, dict) and all(
-            _is_int(mem.get(k)) and mem[k] >= 0 for k in MEMORY_PARTS)):
-        out.append(f"memory must be an object of {', '.join(MEMORY_PARTS)}: integers >= 0")
-    return out
-
-
-def _ranges_problems(ranges: Any, inputs: Any) -> list[str]:
-    if ranges is None:
-        return []
-    names = {t.get("name") for t in inputs if isinstance(t, dict)} if isinstance(
-        inputs, list) else set()
-    if not isinstance(ranges, dict):
-        return ["calibrated_ranges must be an object of input name -> {min, max}"]
-    out = []
-    for name, r in ranges.items():
-        if name not in names:
-            out.append(f"calibrated_ranges names {name!r}, which is not an input")
-        elif not (isinstance(r, dict) and all(
-                isinstance(r.get(k), int | float) and not isinstance(r.get(k), bool)
-                for k in ("min", "max")) and r["min"] <= r["max"]):
-            out.append(f"calibrated_ranges[{name!r}] must be {{min, max}}: numbers, min <= max")
-    return out
-
-
-# ---- memory: the compile-time estimate against what this machine has free now ----
-
-MEMORY_PARTS = ("inputs", "weights", "activations")  # bytes, ``intake.MemoryEstimate``
-
-
-def available_memory() -> int | None:
-    """``MemAvailable`` from ``/proc/meminfo`` in bytes; None where there is none (not Linux)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def human_bytes(n: float) -> str:
-    """``1.5 GiB``-style sizes for messages."""
-    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
-def memory_problem(manifest: dict[str, Any], what: str) -> str | None:
-    """Why running the artifact would not fit in the memory available now, or None: the
-    manifest's ``memory`` (inputs + weights + the two largest activations, estimated from
-    ONNX shapes at compile time) against ``MemAvailable``. An artifact without the estimate
-    (compiled before it was recorded) or a machine without ``/proc/meminfo`` passes."""
-    mem, free = manifest.get("memory"), available_memory()
-    if not mem or free is None:
-        return None
-    need = sum(mem[k] for k in MEMORY_PARTS)
-    if need <= free:
-        return None
-    return (f"{what} needs an estimated {human_bytes(need)} (inputs "
-            f"{human_bytes(mem['inputs'])}, weights {human_bytes(mem['weights'])}, largest "
-            f"activations {human_bytes(mem['activations'])}; recorded at compile time) but "
-            f"{human_bytes(free)} is available")
-
-
-# ---- the shared library's ELF header: refuse what would crash the loader ----
-
-_ELF_MACHINES = {"x86_64": (62, 64), "aarch64": (183, 64), "riscv64": (243, 64),
-                 "armv7l": (40, 32), "armv7": (40, 32), "arm": (40, 32), "i686": (3, 32)}
-
-
-def elf_problem(data: bytes, machine: str | None) -> str | None:
-    """Why ``data`` is not a complete little-endian shared library for ``machine``
-    (``platform.machine()`` spelling; None: any), or None. A library truncated after its
-    hash was recomputed would otherwise be mapped past its end and crash with SIGBUS."""
-    if data[:4] != b"\x7fELF" or len(data) < 52:
-        return "is not an ELF shared library"
-    bits = {1: 32, 2: 64}.get(data[4])
-    if bits is None or data[5] != 1:
-        return "is not a little-endian 32- or 64-bit ELF file"
-    if bits == 64 and len(data) < 64:
-        return "is truncated (ELF header)"
-    e_type, e_machine = struct.unpack_from("<HH", data, 16)
-    if e_type != 3:
-        return "is not an ELF shared object (ET_DYN)"
-    want = _ELF_MACHINES.get({"amd64": "x86_64", "arm64": "aarch64"}.get(
-        (machine or "").lower(), (machine or "").lower()))
-    if want and (e_machine, bits) != want:
-        return (f"is ELF machine {e_machine} ({bits}-bit), not {machine} "
-                f"({want[0]}, {want[1]}-bit)")
-    if bits == 64:
-        phoff, shoff = struct.unpack_from("<QQ", data, 32)
-        phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", data, 54)
-        word, ph_at, sh_at = "<Q", (8, 32), (24, 32)
-    else:
-        phoff, shoff = struct.unpack_from("<II", data, 28)
-        phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", data, 42)
-        word, ph_at, sh_at = "<I", (4, 16), (16, 20)
-    size = len(data)
-    if phoff + phnum * phentsize > size or shoff + shnum * shentsize > size:
-        return f"is truncated ({size} bytes; its headers reach past the end)"
-    for i in range(phnum):
-        at = phoff + i * phentsize
-        (p_type,) = struct.unpack_from("<I", data, at)
-        (offset,) = struct.unpack_from(word, data, at + ph_at[0])
-        (filesz,) = struct.unpack_from(word, data, at + ph_at[1])
-        if p_type == 1 and offset + filesz > size:  # PT_LOAD: mapped from the file
-            return f"is truncated ({size} bytes; a loadable segment ends at {offset + filesz})"
-    for i in range(shnum):
-        at = shoff + i * shentsize
-        (sh_type,) = struct.unpack_from("<I", data, at + 4)
-        (offset,) = struct.unpack_from(word, data, at + sh_at[0])
-        (sh_size,) = struct.unpack_from(word, data, at + sh_at[1])
-        if sh_type not in (0, 8) and offset + sh_size > size:  # NULL and NOBITS hold no bytes
-            return f"is truncated ({size} bytes; a section ends at {offset + sh_size})"
-    return None
-
-
-# ---- reading an artifact: one pass over exactly the bytes that will be used ----
-
-def _read_nofollow(path: Path) -> bytes:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    with os.fdopen(fd, "rb") as f:
-        return f.read()
-
-
-def _check(root: Path, sha256: str | None, check_hashes: bool) -> tuple[dict, bytes | None]:
+def _check(root: Path, sha256: str | None, check_hashes: bool) -> tuple[dict, Image | None]:
     """The validated manifest and (with ``check_hashes``) the library's bytes, hashed."""
     if not root.is_dir():
         raise ArtifactError(f"{root} is not an edgekit artifact directory")
     try:
-        raw = _read_nofollow(root / MANIFEST)
+        raw = read_nofollow(root / MANIFEST)
     except FileNotFoundError:
         raise ArtifactError(f"{root} has no {MANIFEST}: not an edgekit artifact") from None
     except OSError as exc:
@@ -316,8 +97,8 @@ def _check(root: Path, sha256: str | None, check_hashes: bool) -> tuple[dict, by
     for name, want in files.items():
         if name not in present:
             raise ArtifactError(f"artifact file {name} is missing")
-        data = _read_nofollow(root / name) if name == LIBRARY else None
-        got = hashlib.sha256(data).hexdigest() if data is not None else sha256_file(root / name)
+        data, got = read_hashed(root / name) if name == LIBRARY else (None, sha256_file(
+            root / name))
         if got != want:
             raise ArtifactError(f"artifact file {name} does not match its sha256 in the "
                                 "manifest (modified or corrupted)")
@@ -332,7 +113,7 @@ def manifest_digest(path: str | Path) -> str:
     """The sha256 of ``manifest.json``: it lists every file's sha256, so it pins the whole
     artifact (``edgekit verify`` prints it; ``load(path, sha256=...)`` checks it)."""
     try:
-        return hashlib.sha256(_read_nofollow(Path(path) / MANIFEST)).hexdigest()
+        return hashlib.sha256(read_nofollow(Path(path) / MANIFEST)).hexdigest()
     except OSError as exc:
         raise ArtifactError(f"{path} has no readable {MANIFEST}: {exc.strerror or exc}") from None
 
@@ -344,6 +125,9 @@ def read_artifact(path: str | Path, sha256: str | None = None) -> tuple[dict[str
     of the path, which may have changed since the check."""
     manifest, library = _check(Path(path), sha256, True)
     assert library is not None  # check_hashes=True always returns the library
+    if isinstance(library, mmap.mmap):
+        with contextlib.closing(library):
+            return manifest, library[:]
     return manifest, library
 
 
@@ -356,130 +140,67 @@ def read_manifest(path: str | Path, check_hashes: bool = True,
     return _check(Path(path), sha256, check_hashes)[0]
 
 
-@contextlib.contextmanager
-def library_file(data: bytes) -> Iterator[tuple[Path, int | None]]:
-    """A fresh file name whose content is exactly ``data`` (bytes already hashed), for as long
-    as the ``with`` lasts: ``(path, fd)``. A file replaced or rewritten after the check cannot
-    be what runs, and a reload of a replaced artifact gets the new code (the dynamic loader
-    reuses a loaded library when the name or the file, device and inode, matches). Linux: a
-    sealed memfd (an anonymous file nobody can write, immune to a noexec /tmp) reached through
-    a uniquely named symlink to ``/proc/self/fd/FD``; ``fd`` is its descriptor, and a child
-    process that inherits it at the same number (``subprocess``'s ``pass_fds``) reaches the
-    same bytes through the same path, since ``/proc/self`` is whoever resolves it. Elsewhere
-    (``fd`` None) a private copy in a fresh 0700 directory. Both are removed afterwards."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="edgekit-lib-") as d:
-        name = Path(d) / LIBRARY
-        if not hasattr(os, "memfd_create"):
-            name.write_bytes(data)
-            yield name, None
-            return
-        fd = os.memfd_create(LIBRARY, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            import fcntl
-
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
-                        | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL)
-            name.symlink_to(f"/proc/self/fd/{fd}")
-            yield name, fd
-        finally:
-            os.close(fd)
-
-
-def _load_library(data: bytes) -> Any:
-    """Load a shared library from bytes already hashed (see ``library_file``)."""
-    with library_file(data) as (name, _):
-        return _func("ffi.Module.load_from_file.so")(str(name), "so")
-
-
-@functools.cache
-def _tvm_ffi() -> ModuleType:
-    """``tvm_ffi`` with ``libtvm_runtime`` loaded, without torch unless the app imported it.
-
-    tvm_ffi's ``__init__`` (and its ``core``, ``_convert`` and ``stream`` modules) run
-    ``try: import torch`` for torch-tensor interop: seconds of start-up that running an
-    artifact never needs. While tvm_ffi is first imported, a ``None`` entry in
-    ``sys.modules`` makes that import fail as if torch were absent; the entry is removed
-    afterwards, so the app (or edgekit's compiler) can still import torch. tvm_ffi then
-    passes torch tensors through the DLPack protocol instead of its torch fast path."""
-    block = "tvm_ffi" not in sys.modules and "torch" not in sys.modules
-    if block:
-        sys.modules["torch"] = None  # type: ignore[assignment]
-    try:
-        import tvm_ffi
-        from tvm_ffi.libinfo import load_lib_ctypes
-    except ImportError as exc:
-        raise ArtifactError(f"TVM's runtime is not installed ({exc}): pip install "
-                            "apache-tvm==0.27.0.post1 'apache-tvm-ffi<0.1.15'") from None
-    finally:
-        if block and "torch" in sys.modules and sys.modules["torch"] is None:
-            del sys.modules["torch"]
-    # RTLD_GLOBAL, as tvm.base does: compiled libraries resolve TVMBackend* symbols from it
-    load_lib_ctypes("tvm", "tvm_runtime", "RTLD_GLOBAL", extra_lib_paths=_tvm_lib_dirs())
-    return tvm_ffi
-
-
-def _tvm_lib_dirs() -> list[Path]:
-    """Where the apache-tvm wheel keeps its libraries, found without importing ``tvm``
-    (the search ``tvm.libinfo.package_lib_paths`` does, so both pick the same file)."""
-    dirs = [Path(os.environ["TVM_LIBRARY_PATH"])] if os.environ.get("TVM_LIBRARY_PATH") else []
-    spec = importlib.util.find_spec("tvm")
-    if spec is None or not spec.submodule_search_locations:
-        raise ArtifactError("TVM's runtime is not installed: pip install apache-tvm==0.27.0.post1")
-    return dirs + [Path(p) / "lib" for p in spec.submodule_search_locations]
-
-
-@functools.cache
-def _func(name: str) -> Callable:
-    """A global function registered by TVM's runtime library."""
-    return _tvm_ffi().get_global_func(name)
-
-
-def _cuda_available() -> bool:
-    """Whether TVM's CUDA runtime loads (it links the driver's libcuda) and sees a GPU."""
-    tvm_ffi = _tvm_ffi()
-    from tvm_ffi.libinfo import load_lib_ctypes
-
-    try:  # RTLD_LOCAL, as tvm.backend.cuda does: it only registers the CUDA device API
-        load_lib_ctypes("tvm", "tvm_runtime_cuda", "RTLD_LOCAL", extra_lib_paths=_tvm_lib_dirs())
-        cuda = tvm_ffi.device("cuda", 0)
-        exist = _func("runtime.GetDeviceAttr")(cuda.dlpack_device_type(), cuda.index, 0)
-    except (OSError, RuntimeError):
-        return False
-    return bool(exist)
+# TVM's AffinityMode for a pool given a CPU list: workers bound one per CPU of the list (the
+# first is the caller's), or every thread free on all of them
+_ONE_CORE_PER_THREAD, _SHARE_ALL_CORES = -2, -3
 
 
 def set_threads(threads: int) -> int:
-    """Use ``threads`` TVM worker threads (env var for a fresh runtime, pool reset otherwise)."""
+    """Run on ``threads`` threads: the calling thread and ``threads - 1`` workers of TVM's
+    pool (TVM keeps one pool per calling thread; this sets the caller's), at most one per CPU
+    the calling thread may use (more would only contend: TVM's workers spin while they wait).
+    Returns the count TVM reports it will use.
+
+    Two things TVM 0.27's pool does (``src/runtime/thread_pool.cc``, ``threading_backend.cc``)
+    that an app embedding the runtime must not suffer:
+
+    - it binds each worker to one core and the *calling* thread to the first ``threads``
+      cores (``SetAffinity``): after ``set_threads(1)`` the app's thread was pinned to core 0,
+      and every thread it started later (torch's, onnxruntime's) inherited that one core.
+      Here TVM binds nothing unless the app sets ``TVM_BIND_THREADS=1`` (measured on a shared
+      2-core machine, docs/runtime.md: pinned workers ran MiniLM 4% faster in one run, 6%
+      slower in two), and then binds its workers one per CPU among those the calling thread
+      may use; the calling thread's affinity is put back whatever TVM did;
+    - the pool's size is fixed when it is created (``TVM_NUM_THREADS`` at that moment), so
+      ``set_threads(1)`` then ``set_threads(2)`` ran one thread. The pool is created here with
+      room for every CPU this thread may use, and ``threads`` of them are used.
+
+    Pools TVM creates on its own in other threads take ``TVM_NUM_THREADS``, set here too."""
+    if not is_int(threads) or threads < 1:
+        raise ValueError(f"threads must be an integer >= 1, not {threads!r}")
     os.environ["TVM_NUM_THREADS"] = str(threads)
-    _func("runtime.config_threadpool")(1, threads)
-    return threads
+    bind = os.environ.setdefault("TVM_BIND_THREADS", "0") == "1"  # TVM reads it at each config
+    keep = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    cpus = sorted(keep) if keep else list(range(os.cpu_count() or 1))
+    mode = _ONE_CORE_PER_THREAD if bind else _SHARE_ALL_CORES
+    try:
+        func("runtime.config_threadpool")(mode, threads, [str(c) for c in cpus])
+    finally:
+        if keep is not None:
+            os.sched_setaffinity(0, keep)
+    return int(func("runtime.NumThreads")())
 
 
 def _to_device(a: np.ndarray, device: Any) -> Any:
     """A TVM tensor on ``device`` holding a copy of the C-contiguous array ``a``."""
-    ffi = _tvm_ffi()
-    t = _func("runtime.TVMTensorAllocWithScope")(ffi.Shape(a.shape), ffi.dtype(str(a.dtype)),
+    ffi = runtime_ffi()
+    t = func("runtime.TVMTensorAllocWithScope")(ffi.Shape(a.shape), ffi.dtype(str(a.dtype)),
                                                  device, None)
-    _func("runtime.TVMTensorCopyFromBytes")(t, a.ctypes.data_as(ctypes.c_void_p), a.nbytes)
+    func("runtime.TVMTensorCopyFromBytes")(t, a.ctypes.data_as(ctypes.c_void_p), a.nbytes)
     return t
 
 
 def _to_numpy(t: Any) -> np.ndarray:
     """A host copy of a TVM tensor (from any device)."""
     out = np.empty(tuple(t.shape), dtype=np.dtype(str(t.dtype)))
-    _func("runtime.TVMTensorCopyToBytes")(t, out.ctypes.data_as(ctypes.c_void_p), out.nbytes)
+    func("runtime.TVMTensorCopyToBytes")(t, out.ctypes.data_as(ctypes.c_void_p), out.nbytes)
     return out
 
 
 class CompiledModel:
     """A loaded artifact: ``run(inputs)`` with inputs checked against the manifest."""
 
-    def __init__(self, path: str | Path, manifest: dict[str, Any], library: bytes | None = None,
+    def __init__(self, path: str | Path, manifest: dict[str, Any], library: Image | None = None,
                  warn_ranges: bool = True):
         """``library``: the bytes of ``model.so`` already checked against the manifest (what
         ``load`` passes); without it the artifact is read and checked here. ``warn_ranges``:
@@ -498,10 +219,10 @@ class CompiledModel:
             raise ArtifactError(
                 f"artifact was built for {target.get('name')!r} ({target.get('machine')}); "
                 f"this machine is {machine}: run it on the device")
-        tvm_ffi = _tvm_ffi()
+        tvm_ffi = runtime_ffi()
         cuda = target.get("device") == "cuda"
         if cuda:
-            if not _cuda_available():
+            if not cuda_available():
                 raise ArtifactError(f"artifact was built for {target.get('name')!r} (a CUDA "
                                     "GPU); this machine has no CUDA GPU or driver: run it on "
                                     "the device")
@@ -512,14 +233,14 @@ class CompiledModel:
         problem = elf_problem(library, machine)  # the manifest may name no machine
         if problem:
             raise ArtifactError(f"{self.path / LIBRARY} {problem}")
-        self.library = _load_library(library)  # the hashed bytes (per-op timing reuses it)
+        self.library = load_library(library)  # the hashed bytes (per-op timing reuses it)
         self._vm = self.library["vm_load_executable"]()
         # (device type, index, allocator) per device; the VM runs shape functions on the CPU
         devices = [self.device, *([tvm_ffi.device("cpu", 0)] if cuda else [])]
         self._vm["vm_initialization"](*(v for d in devices for v in
                                         (d.dlpack_device_type(), d.index, _POOLED_ALLOCATOR)))
         self._main = self._vm["main"]
-        self._sync = functools.partial(_func("runtime.Device_StreamSync"), self.device, 0)
+        self._sync = functools.partial(func("runtime.Device_StreamSync"), self.device, 0)
 
     def _check(self, args: tuple, kwargs: Mapping[str, Any]) -> list[np.ndarray]:
         names = [i["name"] for i in self.inputs]
@@ -557,7 +278,7 @@ class CompiledModel:
         return [_to_device(a, self.device) for a in arrays]
 
     def _collect(self, result) -> dict[str, np.ndarray]:
-        flat = [result] if isinstance(result, _tvm_ffi().Tensor) else list(result)
+        flat = [result] if isinstance(result, runtime_ffi().Tensor) else list(result)
         names = [o["name"] for o in self.outputs]
         return {n: _to_numpy(t) for n, t in zip(names, flat, strict=True)}
 

@@ -13,12 +13,13 @@ from onnx import TensorProto, helper
 from edgekit import api, runtime
 from edgekit.compiler import unsupported_nodes
 from edgekit.errors import EdgekitError
+from edgekit.manifest import SCHEMA_VERSION
 from edgekit.verify import run_ort, seeded_inputs
 
 
 def test_manifest_contents(compiled_default):
     m = compiled_default.manifest
-    assert m["schema_version"] == runtime.SCHEMA_VERSION
+    assert m["schema_version"] == SCHEMA_VERSION
     assert {"edgekit", "apache-tvm", "onnx"} <= set(m["versions"])
     assert m["target"]["name"] == "host"
     assert m["inputs"] == [{"name": "image", "shape": [1, 3, 64, 64], "dtype": "float32"}]

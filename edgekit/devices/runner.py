@@ -22,6 +22,7 @@ import numpy as np
 from edgekit import runtime
 from edgekit.devices import toolchain
 from edgekit.errors import EdgekitError
+from edgekit.hashed_library import library_file
 from edgekit.report.record import device_seconds, finalize_device
 
 RUNNERS = ("native", "qemu")
@@ -65,7 +66,7 @@ def invoke(artifact: str | Path, inputs: Mapping[str, np.ndarray], runner: str =
                            f"unknown input {unknown[0]!r}")
     binary, rt = toolchain.build_runner(arch)
     with (tempfile.TemporaryDirectory(prefix="edgekit-runner-") as tmp,
-          runtime.library_file(library) as (lib_path, lib_fd)):
+          library_file(library) as (lib_path, lib_fd)):
         cmd = [*toolchain.launcher(arch, rt), str(binary), str(lib_path), "--warmup", str(warmup),
                "--repeat", str(repeat), "--out", tmp]
         if duration:
