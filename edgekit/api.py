@@ -320,7 +320,7 @@ def compile(  # noqa: A001 - the verb users expect
             check["quantization"] = {**qdq_counts(mod), "int8_kernels": int8_kernels}
             if tgt.runs_on_host:  # what check_library allows beyond atol/rtol, per output
                 check["quantization"].update(
-                    reference="onnxruntime without QDQ fusions (ORT_ENABLE_BASIC)",
+                    reference="onnxruntime without its QDQ fusions (verify.QDQ_FUSIONS)",
                     flip_steps=qdq_check.FLIP_STEPS, nudge=qdq_check.NUDGE,
                     outputs=qdq_check.tolerances(model, verify.seeded_inputs(specs, seed=0),
                                                  [o.name for o in outputs]))

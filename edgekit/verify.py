@@ -235,12 +235,31 @@ def describe_failures(comparisons: Sequence[Comparison]) -> str:
 # loaded again without that optimizer (a fusion only: the outputs are the same ops' outputs).
 ORT_FALLBACK_OPTIMIZERS = ("MatMulAddFusion",)
 
+# The onnxruntime 1.32 optimizers that replace DequantizeLinear -> op (-> QuantizeLinear) by
+# integer kernels (QLinearConv, MatMulIntegerToFloat, DynamicQuantizeMatMul, ...). On x86
+# without AVX-512 VNNI those kernels multiply u8 x s8 with vpmaddubsw, which saturates each
+# pair sum to int16 (255 * 127 * 2 > 32767): measured here (AVX2 only) on a uint8 input at
+# full range into a MatMul with weights at +-127, 2.74 absolute error, 0 without them. Off,
+# the QDQ graph runs as written (DQ, the float op, Q): its own math, the one TVM lowers
+# exactly; every other optimization stays on.
+QDQ_FUSIONS = ("QDQSelectorActionTransformer", "MatMulIntegerToFloatFusion",
+               "DynamicQuantizeMatMulFusion")
+QUANTIZE_OPS = ("QuantizeLinear", "DynamicQuantizeLinear")
 
-def ort_session(model: onnx.ModelProto | bytes | str, threads: int | None = None):
+
+def quantizes(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` quantizes activations (a graph onnxruntime would fuse to integers)."""
+    return any(n.op_type in QUANTIZE_OPS for n in model.graph.node)
+
+
+def ort_session(model: onnx.ModelProto | bytes | str, threads: int | None = None,
+                qdq_fusions: bool = True):
     """An onnxruntime CPU session (``threads`` intra-op threads, default: ORT's choice).
 
-    A model that fails to load is tried once more without ``ORT_FALLBACK_OPTIMIZERS``; when
-    that works, a warning says so."""
+    ``qdq_fusions=False`` leaves out ``QDQ_FUSIONS``: the session computes the QDQ math, not
+    onnxruntime's integer kernels (which saturate on x86 without VNNI). A model that fails to
+    load is tried once more without ``ORT_FALLBACK_OPTIMIZERS`` too; when that works, a
+    warning says so."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -249,13 +268,15 @@ def ort_session(model: onnx.ModelProto | bytes | str, threads: int | None = None
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
     data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    disabled = [] if qdq_fusions else list(QDQ_FUSIONS)
     try:
-        return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"],
+                                    disabled_optimizers=disabled)
     except Exception as exc:  # ORT raises several unrelated types for bad graphs
         error = exc
     try:
         sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"],
-                                    disabled_optimizers=list(ORT_FALLBACK_OPTIMIZERS))
+                                    disabled_optimizers=[*disabled, *ORT_FALLBACK_OPTIMIZERS])
     except Exception:
         raise EdgekitError(f"onnxruntime cannot load the model: {first_line(error)}"
                            ) from error

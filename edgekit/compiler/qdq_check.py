@@ -7,9 +7,9 @@ AVX-512 VNNI, MLAS's u8 x s8 kernel multiplies with ``vpmaddubsw``, which satura
 of products to int16 (255 * 127 * 2 > 32767), so those outputs differ from the graph's math
 (measured here, AVX2 only: 33.5 absolute on a two-layer uint8 MLP, 0.0 with the fusions off;
 onnxruntime documents it under ``reduce_range``). The library accumulates exactly in int32,
-so it is compared with onnxruntime at ``ORT_ENABLE_BASIC`` (constant folding and redundant
-node removal, no QDQ fusions), i.e. with the QDQ graph's own semantics: DequantizeLinear,
-the float op, QuantizeLinear.
+so it is compared with onnxruntime without its QDQ fusions (``verify.ort_session(model,
+qdq_fusions=False)``, the one session for the QDQ math that the pass check also uses), i.e.
+with the QDQ graph's own semantics: DequantizeLinear, the float op, QuantizeLinear.
 
 Tolerance. The library's integer sums are exact, onnxruntime's float sums are not, so a value
 within float rounding of a rounding boundary of a QuantizeLinear can land one step (one
@@ -50,6 +50,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from edgekit.verify import ort_session
+
 FLIP_STEPS = 2
 NUDGE = 1e-6
 
@@ -69,14 +71,8 @@ def has_qdq(model: onnx.ModelProto) -> bool:
 
 
 def reference_session(model: onnx.ModelProto):
-    """onnxruntime CPU session without QDQ fusions (``ORT_ENABLE_BASIC``; module docstring)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 4
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    return ort.InferenceSession(model.SerializeToString(), opts,
-                                providers=["CPUExecutionProvider"])
+    """onnxruntime CPU session without QDQ fusions: the QDQ math (module docstring)."""
+    return ort_session(model, qdq_fusions=False)
 
 
 def as_number(array) -> np.ndarray:

@@ -244,20 +244,13 @@ def relative_mse(outs: Sequence[Sequence[np.ndarray]],
     return float(np.mean(errs)) if errs else 0.0
 
 
-def run_all(proto: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]],
-            fused: bool = True) -> list[list]:
-    """Every output of ``proto`` on each sample (one onnxruntime session). ``fused=False``
-    turns onnxruntime's graph optimizations off: Q/DQ then run as written, in float (the
-    graph's exact math) instead of its fused integer kernels."""
-    if fused:
-        session = ort_session(proto)
-    else:
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        session = ort.InferenceSession(proto.SerializeToString(), opts,
-                                       providers=["CPUExecutionProvider"])
+def run_all(proto: onnx.ModelProto | str, samples: Sequence[dict[str, np.ndarray]],
+            fused: bool = False) -> list[list]:
+    """Every output of ``proto`` (or the model file at that path) on each sample (one
+    onnxruntime session): the QDQ math
+    (``verify.ort_session(qdq_fusions=False)``), or with ``fused`` onnxruntime's integer
+    kernels, which saturate int16 pair sums on x86 without VNNI."""
+    session = ort_session(proto, qdq_fusions=fused)
     try:
         return [session.run(None, dict(s)) for s in samples]
     except Exception as exc:  # ORT raises several unrelated types

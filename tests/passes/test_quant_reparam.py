@@ -8,6 +8,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 from _ln_graphs import rel_error, residual_model, samples
+from onnx import helper, numpy_helper
 
 from edgekit.passes._ir import Builder, const_array
 from edgekit.passes._quant import observe
@@ -28,17 +29,19 @@ def _outliers(model: onnx.ModelProto, dtype) -> onnx.ModelProto:
 
 
 def _rewrite(model: onnx.ModelProto, how: str, alpha: float = 0.5):
-    """Apply one reparameterization to every foldable LN; (new model, LN names, readers)."""
+    """Apply the reparameterizations in ``how`` ("smooth+reparam": both, in that order) to
+    every foldable LN; (new model, LN names, work model)."""
     work = ir.from_proto(model)
     lns = [n for n in work.graph if n.op_type == "LayerNormalization"]
-    usable = [(ln, foldable(ln)[0]) for ln in lns if not foldable(ln)[1]]
-    obs = observe(work, [ln.outputs[0] for ln, _ in usable], samples(4))
     b = Builder(work.graph)
-    for (ln, readers), o in zip(usable, obs, strict=True):
-        if how == "reparam":
-            reparam_layernorm(b, ln, readers, o.ch_lo, o.ch_hi)
-        else:
-            smooth_layernorm(b, ln, readers, o.ch_absmax, alpha)
+    for step in how.split("+"):
+        usable = [(ln, foldable(ln)[0]) for ln in lns if not foldable(ln)[1]]
+        obs = observe(work, [ln.outputs[0] for ln, _ in usable], samples(4))
+        for (ln, readers), o in zip(usable, obs, strict=True):
+            if step == "reparam":
+                reparam_layernorm(b, ln, readers, o.ch_lo, o.ch_hi)
+            else:
+                smooth_layernorm(b, ln, readers, o.ch_absmax, alpha)
     return ir.to_proto(work), [ln.name for ln, _ in usable], work
 
 
@@ -86,8 +89,40 @@ def test_smooth_moves_activation_outliers_into_the_weights():
     assert np.allclose(s, expect, rtol=1e-5)
 
 
-def test_layernorm_with_a_non_linear_reader_is_not_foldable():
-    model = residual_model(np.float32, post_ln=True, tap=True)
-    work = ir.from_proto(model)
-    reasons = {n.name: foldable(n)[1] for n in work.graph if n.op_type == "LayerNormalization"}
-    assert "ln0" in reasons and "is not a linear layer" in reasons["ln0"]
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("how", ["reparam", "smooth", "smooth+reparam"])
+def test_post_ln_other_readers_are_compensated_exactly(dtype, how):
+    """Post-LN (BERT): ln0's output feeds fc1 of block 1 and the residual Add (and a Tanh
+    tap); those two read ``y'·r − t`` while fc1's weight absorbs the rescaling."""
+    model = _outliers(residual_model(dtype, post_ln=True, tap=True), dtype)
+    new, names, work = _rewrite(model, how)
+    assert names == ["ln0", "ln1"]  # ln1 is read by the head alone
+    err = rel_error(new, model, samples(6))
+    assert err <= TOL[dtype], err
+    residual, tap = work.graph.node("residual_1"), work.graph.node("tap")
+    undo = residual.inputs[0].producer()  # the compensation, not the LN, feeds the Add
+    assert undo is not work.graph.node("ln0") and undo.op_type in ("Mul", "Add")
+    assert tap.inputs[0] is residual.inputs[0]  # one compensation per LN, shared
+    assert work.graph.node("fc1_1").inputs[0].producer() is work.graph.node("ln0")
+    y = observe(work, [work.graph.node("ln0").outputs[0]], samples(4))[0]
+    width = y.ch_hi - y.ch_lo
+    if how.endswith("reparam"):  # what the MatMul reads has one range in every channel
+        assert np.ptp(width) < 1e-4 * np.mean(width)
+
+
+def test_layernorm_without_a_linear_reader_or_as_a_graph_output_is_not_foldable():
+    work = ir.from_proto(residual_model(np.float32, final_output=True))
+    assert foldable(work.graph.node("ln_f"))[1] == "its output 'ln_f' is a graph output"
+    work = ir.from_proto(residual_model(np.float32, post_ln=True, tap=True, head="gemm_t",
+                                        tied=True))
+    ln1 = work.graph.node("ln1")  # the tied head's weight is the embedding table: shared
+    assert "is shared with" in foldable(ln1)[1]
+    nodes = [helper.make_node("LayerNormalization", ["x", "g", "b"], ["n"], name="ln", axis=-1),
+             helper.make_node("Tanh", ["n"], ["y"], name="act")]
+    graph = helper.make_graph(
+        nodes, "ln_act", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 8])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 8])],
+        [numpy_helper.from_array(np.ones(8, np.float32), n) for n in ("g", "b")])
+    work = ir.from_proto(onnx.shape_inference.infer_shapes(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])))
+    assert foldable(work.graph.node("ln"))[1] == "no linear layer with a constant weight reads it"

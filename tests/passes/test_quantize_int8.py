@@ -279,8 +279,16 @@ def test_reparam_and_smooth_are_reported():
     assert run.report.changed["reparam LayerNorm"] == 3
     assert run.report.changed["smooth LayerNorm"] == 3
     assert set(run.report.details["reparam"]) == {"ln0", "ln1", "ln_f"}
-    _, run = _quant(residual_model(post_ln=True, tap=True), samples, reparam=True)
-    assert any(n == "ln0" and r.startswith("reparam:") for n, r in run.report.skipped)
+    _, run = _quant(residual_model(post_ln=True, tap=True), samples, reparam=True, smooth=0.5)
+    assert run.status == "applied", run.message  # post-LN: the other readers compensated
+    assert run.report.details["smooth"]["ln0"]["compensated"] == 2  # residual Add, tap
+    assert run.report.details["reparam"]["ln0"]["compensated"] == 1  # smooth's compensation
+    assert run.report.details["smooth"]["ln1"]["compensated"] == 0  # read by the head only
+    _, run = _quant(residual_model(final_output=True), samples, reparam=True, smooth=0.0)
+    assert ("ln_f", "reparam: its output 'ln_f' is a graph output") in run.report.skipped
+    _, run = _quant(residual_model(), samples)  # SmoothQuant α = 0.5 is the default
+    assert run.report.changed["smooth LayerNorm"] == 3 and "reparam" not in run.report.details
+    assert run.report.details["smooth"]["ln0"]["alpha"] == 0.5
 
 
 def test_locator_fields(cnn):
@@ -296,7 +304,7 @@ def test_locator_fields(cnn):
         assert r["act_sqnr_db"] > 20 and r["weight_sqnr_db"] > 20
     cos = run.report.details["cosine"]
     assert cos["samples"] == 32 and 0.99 < cos["min"] <= cos["mean"] <= 1
-    assert 0.99 < cos["qdq_math_min"] <= 1  # the graph's own math, ORT's fusions off
+    assert 0.99 < cos["onnxruntime_fused_min"] <= 1  # ORT's integer kernels on this CPU
 
 
 # -- the core check of a fitted pass: budget on the real samples, finiteness on all ----------
@@ -368,3 +376,58 @@ def test_rewrite_explain_prints_the_locator(tmp_path):
     shares = [float(line.split()[3].rstrip("%")) for line in lines[header + 1:header + 4]]
     assert shares == sorted(shares, reverse=True) and len(shares) == 3
     assert "act scale" not in CliRunner().invoke(cli, args).output  # only under --explain
+
+
+# -- the QDQ math, not onnxruntime's fused kernels, is what the check judges -----------------
+
+def _saturating_model() -> onnx.ModelProto:
+    """x[4, 64] in [0, 1] → MatMul: weight rows 0 and 1 are each channel's largest, so uint8
+    x = 255 meets int8 w = 127 twice in one pair (255·127·2 > 32767, int16's limit)."""
+    rng = np.random.default_rng(0)
+    w = rng.uniform(-0.3, 0.3, (64, 16))
+    w[:2] = 1.0
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "sat",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 16])],
+        [numpy_helper.from_array(w.astype(np.float32), "w")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _x86_without_vnni() -> bool:
+    import platform
+    from pathlib import Path
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return "avx2" in flags and "vnni" not in flags
+
+
+def test_check_judges_the_qdq_math_not_onnxruntimes_fused_kernels():
+    from edgekit.verify import ort_session
+
+    model = _saturating_model()
+    x = np.random.default_rng(1).uniform(0, 1, (8, 4, 64)).astype(np.float32)
+    x[:, :, :2] = 1.0  # the full uint8 range on the saturating pair
+    samples = load_samples(model, calibration={"x": x})
+    new, run = _quant(model, samples)
+    assert run.status == "applied", run.message
+    inits, nodes = _inits(new), {n.output[0]: n for n in new.graph.node}
+    q = nodes[nodes[new.graph.node[-1].input[0]].input[0]]  # MatMul ← DQ ← Q
+    s, z = float(inits[q.input[1]]), float(inits[q.input[2]])
+    dq_w = nodes[new.graph.node[-1].input[1]]
+    w_hat = inits[dq_w.input[0]].astype(np.float64) * inits[dq_w.input[1]]
+    worst = 0.0  # the QDQ math in float64, over the calibration samples
+    for xi in x:
+        x_hat = (np.clip(np.round(xi / s) + z, 0, 255) - z) * s
+        y = xi.astype(np.float64) @ onnx.numpy_helper.to_array(model.graph.initializer[0])
+        worst = max(worst, float(np.abs(x_hat @ w_hat - y).max() / np.abs(y).max()))
+    assert run.max_rel == pytest.approx(worst, rel=1e-3, abs=1e-6)
+    fused = ort_session(new)  # onnxruntime's integer kernels, as a user runs the graph
+    fused_err = max(float(np.abs(fused.run(None, {"x": xi})[0] - xi @ onnx.numpy_helper.to_array(
+        model.graph.initializer[0])).max()) for xi in x)
+    if _x86_without_vnni():  # this CPU: the fused kernels saturate, the check does not care
+        assert fused_err > 10 * worst * np.abs(x[0] @ onnx.numpy_helper.to_array(
+            model.graph.initializer[0])).max()
+        assert any("saturate int16" in r for _, r in run.report.skipped)
