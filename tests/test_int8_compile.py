@@ -152,6 +152,15 @@ def test_quantize_agrees_with_onnxruntime_on_ties_nan_and_inf(dtype, zero):
     assert plain[0] == ref[1] and plain[0] != ref[0]  # NaN as +Inf, not as onnxruntime does
 
 
+def test_quantize_rounds_once_so_fused_requantize_chains_stay_small():
+    """The clamp reads the rounded value once: fused epilogues inline every QuantizeLinear
+    into its readers, and a clamp reading it three times grew a chain of k requantizations
+    3^k-fold (MiniLM's FFN kernels: 170 kB of TIR, minutes of lowering, 8x slower)."""
+    mod = _import(_quantize_model("uint8", 128), [ExactQuantize()])
+    (kernel,) = [f for _, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert kernel.script().count("nearbyint(") == 1
+
+
 def test_compile_nan_probe_of_a_quantized_input(tmp_path):
     """The compile check writes NaN/Inf into x; QuantizeLinear makes them finite on both sides."""
     path = graphs.save(_quantize_model("uint8", 128), tmp_path / "q.onnx")
