@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .digits_vit import digits_split
+from .repvgg_cnn import repvgg_block
 
 SUMMARY = "RepVGG-style CNN (training form) trained on sklearn digits at 32x32, 10 classes"
 INPUTS = (("image", (1, 1, 32, 32), "float32"),)
@@ -39,28 +40,7 @@ __all__ = ["BLOCKS", "INPUTS", "RECIPE", "SUMMARY", "WEIGHTS", "accuracy", "buil
 def _model():
     from torch import nn
 
-    def conv_bn(cin: int, cout: int, k: int, stride: int, groups: int) -> nn.Sequential:
-        return nn.Sequential(
-            nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False),
-            nn.BatchNorm2d(cout),
-        )
-
-    class RepVGGBlock(nn.Module):
-        """relu(BN(conv3x3(x)) + BN(conv1x1(x)) [+ BN(x)]), as in RepVGG's training form."""
-
-        def __init__(self, cin: int, cout: int, stride: int, groups: int) -> None:
-            super().__init__()
-            self.dense = conv_bn(cin, cout, 3, stride, groups)
-            self.one = conv_bn(cin, cout, 1, stride, groups)
-            # The identity branch exists only where the shapes allow it.
-            self.identity = nn.BatchNorm2d(cin) if cin == cout and stride == 1 else None
-            self.act = nn.ReLU()
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            y = self.dense(x) + self.one(x)
-            if self.identity is not None:
-                y = y + self.identity(x)
-            return self.act(y)
+    RepVGGBlock = repvgg_block()
 
     class DigitsCNN(nn.Module):
         def __init__(self) -> None:

@@ -6,11 +6,11 @@ SUMMARY = "RepVGG-style CNN (training form): 3x3+BN, 1x1+BN and identity-BN bran
 INPUTS = (("image", (1, 3, 32, 32), "float32"),)
 
 
-def build(seed: int = 0):
+def repvgg_block():
+    """The ``RepVGGBlock`` module class, relu(BN(conv3x3(x)) + BN(conv1x1(x)) [+ BN(x)]) in
+    RepVGG's training form (convs without bias); a function so torch loads only when used."""
     import torch
     from torch import nn
-
-    from ._init_utils import randomize_norm_stats
 
     def conv_bn(cin: int, cout: int, k: int, stride: int, groups: int) -> nn.Sequential:
         return nn.Sequential(
@@ -34,6 +34,17 @@ def build(seed: int = 0):
             if self.identity is not None:
                 y = y + self.identity(x)
             return self.act(y)
+
+    return RepVGGBlock
+
+
+def build(seed: int = 0):
+    import torch
+    from torch import nn
+
+    from ._init_utils import randomize_norm_stats
+
+    RepVGGBlock = repvgg_block()
 
     class RepVGGCNN(nn.Module):
         def __init__(self) -> None:

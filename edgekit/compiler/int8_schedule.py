@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-from edgekit.compiler import int8_intrin
+from edgekit.compiler import int8_intrin, tiling
 
 GEMM = "edgekit_int8_gemm"
 PACK = "edgekit_int8_pack_a"
@@ -115,7 +115,7 @@ def _schedule(sch, tvm_target, cores: int) -> Any:
     fused = sch.fuse(no, *batch, ro)
     write = sch.cache_write(gemm, 0, "local")
     sch.reverse_compute_at(write, fused)
-    _inline_consumers(sch, write)
+    tiling.inline_consumers(sch, write)
     if cores > 1 and work >= _MIN_PARALLEL_WORK:
         with contextlib.suppress(Exception):  # a loop that cannot run in parallel stays serial
             sch.parallel(fused)
@@ -156,15 +156,3 @@ def _inline_intermediates(sch) -> None:
     for block in blocks[:-1]:
         with contextlib.suppress(Exception):  # not elementwise: it stays a loop nest
             sch.compute_inline(block)
-
-
-def _inline_consumers(sch, write) -> None:
-    """The epilogue into the tile's write-back (a chain of one consumer each)."""
-    for _ in range(8):
-        consumers = sch.get_consumers(write)
-        if len(consumers) != 1:
-            return
-        try:
-            sch.reverse_compute_inline(consumers[0])
-        except Exception:  # noqa: BLE001 - not elementwise on the tile: it stays separate
-            return

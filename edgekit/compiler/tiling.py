@@ -134,7 +134,7 @@ def _tile(sch, block, kinds: str, extents: list[int], parallel: bool, lanes: int
     fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
     write = sch.cache_write(block, 0, "local")
     sch.reverse_compute_at(write, fused)
-    _inline_consumers(sch, write)
+    inline_consumers(sch, write)
     if parallel:
         with contextlib.suppress(Exception):  # a loop that cannot run in parallel stays serial
             sch.parallel(fused)
@@ -149,7 +149,7 @@ def _tile(sch, block, kinds: str, extents: list[int], parallel: bool, lanes: int
     return True
 
 
-def _inline_consumers(sch, write: Any) -> None:
+def inline_consumers(sch, write: Any) -> None:
     """Inline the elementwise chain after the output tile into its write-back."""
     for _ in range(8):  # bias -> scale -> activation: a short chain
         consumers = sch.get_consumers(write)
