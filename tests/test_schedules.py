@@ -236,3 +236,112 @@ def test_long_chain_of_polynomial_math_compiles(tmp_path):
     result = api.compile(path, "host", tmp_path / "chain.edgekit")
     (check,) = result.manifest["verification"]["outputs"]
     assert check["ok"]
+
+
+def _row_models():
+    """Softmax over (12, 128, 128) (attention scores) and LayerNorm over (128, 384) (MiniLM at
+    128 tokens): the row-reduction kernels of a transformer."""
+    rng = np.random.default_rng(7)
+    softmax = helper.make_graph(
+        [helper.make_node("Softmax", ["x"], ["y"], axis=-1)], "softmax",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [12, 128, 128])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [12, 128, 128])])
+    affine = [helper.make_tensor(n, TensorProto.FLOAT, [384],
+                                 rng.standard_normal(384).astype(np.float32)) for n in "sb"]
+    norm = helper.make_graph(
+        [helper.make_node("LayerNormalization", ["x", "s", "b"], ["y"], axis=-1,
+                          epsilon=1e-12)], "layernorm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [128, 384])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [128, 384])], affine)
+    return [helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+            for g in (softmax, norm)]
+
+
+@pytest.mark.parametrize("model", _row_models(), ids=["softmax", "layernorm"])
+def test_row_reductions_vector_partials_parallel_rows(model):
+    """Softmax / LayerNorm: rows in parallel, vector-wide partial results (rfactor), vectorized
+    normalise pass; results as onnxruntime's up to reassociated sums."""
+    import tvm
+    from tvm import relax
+
+    from edgekit.compiler import pipeline, schedules, to_relax
+
+    specs = verify.onnx_input_specs(model, [])
+    target = _host_target().tvm_target()
+    mod = pipeline.lower(to_relax(model, specs), target)
+    scheduled, count = schedules.apply_default(mod, target)
+    assert count == 1
+    text = next(f for _, f in scheduled.functions.items()
+                if isinstance(f, tvm.tirx.PrimFunc)).script()
+    assert "_rf = T.sblock_alloc_buffer" in text  # per-row vector partials
+    assert text.count("T.vectorized") >= 3  # partials' init and update, normalise pass
+    work = 3 * int(np.prod([d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]))
+    assert ("T.parallel" in text) == (work >= schedules._MIN_PARALLEL_ROWS_WORK)
+    vm = relax.VirtualMachine(tvm.compile(scheduled, target=target), tvm.cpu())
+    for seed in (1, 2):
+        inputs = verify.seeded_inputs(specs, seed)
+        ref = verify.run_ort(model, inputs)[0]
+        got = vm["main"](*[tvm.runtime.tensor(v) for v in inputs.values()]).numpy()
+        assert np.abs(got - ref).max() / np.abs(ref).max() <= 1e-5
+
+
+def _kernel_scripts(mod, target) -> dict[str, str]:
+    import tvm
+
+    from edgekit.compiler import schedules
+
+    scheduled, _ = schedules.apply_default(mod, target)
+    return {gv.name_hint: f.script() for gv, f in scheduled.functions.items()
+            if isinstance(f, tvm.tirx.PrimFunc)}
+
+
+def test_row_rule_leaves_matmul_and_conv_kernels_alone(tmp_path, monkeypatch):
+    """Matmul, conv, pooling and epilogue kernels get byte-identical schedules with and
+    without the row-reduction rule; only the row kernels change."""
+    from edgekit.compiler import pipeline, schedules, to_relax
+
+    target = _host_target().tvm_target()
+    scripts = {}
+    for src in (_conv_mlp_onnx(tmp_path / "m.onnx"), _odd_ops_onnx(tmp_path / "odd.onnx")):
+        model = onnx.load(str(src))
+        mod = pipeline.lower(to_relax(model, verify.onnx_input_specs(model, [])), target)
+        with_rule = _kernel_scripts(mod, target)
+        monkeypatch.setattr(schedules, "_row_kernel", lambda *args: False)
+        without = _kernel_scripts(mod, target)
+        monkeypatch.undo()
+        scripts.update(with_rule)
+        assert with_rule == without
+    assert any("conv2d" in name for name in scripts) and any("matmul" in name or "dense"
+                                                              in name for name in scripts)
+
+
+def test_quantized_softmax_epilogue_rides_in_the_row_kernel(tmp_path):
+    """Q/DQ around a softmax (an int8 attention's probabilities): the quantize / dequantize
+    epilogue fuses into the softmax kernel, which still gets the row rule, and the compile
+    check against onnxruntime (tolerance in quantization steps) passes."""
+    from edgekit.compiler import pipeline, to_relax
+
+    def const(name, value, dtype=TensorProto.FLOAT):
+        value = np.asarray(value)
+        return helper.make_tensor(name, dtype, value.shape, value.ravel())
+
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+             helper.make_node("Softmax", ["xd"], ["p"], axis=-1),
+             helper.make_node("QuantizeLinear", ["p", "s2", "z"], ["pq"]),
+             helper.make_node("DequantizeLinear", ["pq", "s2", "z"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "q_softmax", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [12, 64, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [12, 64, 64])],
+        [const("s", np.float32(0.05)), const("s2", np.float32(1 / 255)),
+         const("z", np.uint8(0), TensorProto.UINT8)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    target = _host_target().tvm_target()
+    mod = pipeline.lower(to_relax(model, verify.onnx_input_specs(model, [])), target)
+    scripts = _kernel_scripts(mod, target)
+    (softmax,) = [text for name, text in scripts.items() if "softmax_quantize" in name]
+    assert "_rf = T.sblock_alloc_buffer" in softmax and "T.vectorized" in softmax
+    onnx.save(model, tmp_path / "q.onnx")
+    result = api.compile(tmp_path / "q.onnx", "host", tmp_path / "q.edgekit",
+                         tuning_db=tmp_path / "db")
+    assert all(check["ok"] for check in result.manifest["verification"]["outputs"])
