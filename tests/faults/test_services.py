@@ -11,6 +11,7 @@ servers on 127.0.0.1 started as `edgekit` processes and stopped by each test:
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import socket
@@ -160,6 +161,10 @@ def test_secret_refuses_clients_without_it(start, secret_farm):
     _wait_free(address, "loopback", secret)
     sess = farm.request_session(address, "loopback", secret)
     assert int(sess.get_function("runtime.NumThreads")()) >= 1
+    # end the session now: TVM's RPC objects sit in reference cycles, so without a collection
+    # the socket (and the device, busy) could outlive the test (the next test waited 30 s)
+    del sess
+    gc.collect()
 
 
 def test_kill_9_of_serve_device_takes_its_worker_and_listing(secret_farm):
