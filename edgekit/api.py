@@ -316,7 +316,7 @@ def compile(  # noqa: A001 - the verb users expect
         (tmp / artifact.ONNX_FILE).write_bytes(model.SerializeToString())
         check: dict[str, Any] = {"against": "onnxruntime", "atol": atol, "rtol": rtol}
         int8_kernels = tuning.pop("int8_kernels", [])
-        if qdq_check.has_qdq(model):  # tolerance in quantization steps, what runs in int8
+        if verify.quantizes(model):  # tolerance in quantization steps, what runs in int8
             check["quantization"] = {**qdq_counts(mod), "int8_kernels": int8_kernels}
             if tgt.runs_on_host:  # what check_library allows beyond atol/rtol, per output
                 check["quantization"].update(

@@ -244,12 +244,14 @@ ORT_FALLBACK_OPTIMIZERS = ("MatMulAddFusion",)
 # exactly; every other optimization stays on.
 QDQ_FUSIONS = ("QDQSelectorActionTransformer", "MatMulIntegerToFloatFusion",
                "DynamicQuantizeMatMulFusion")
-QUANTIZE_OPS = ("QuantizeLinear", "DynamicQuantizeLinear")
+# Ops that compute in integers: their graphs are checked on the QDQ math (compiler.qdq_check)
+QUANTIZED_OPS = ("QuantizeLinear", "DynamicQuantizeLinear", "QLinearMatMul", "QLinearConv",
+                 "ConvInteger", "MatMulInteger")
 
 
 def quantizes(model: onnx.ModelProto) -> bool:
-    """Whether ``model`` quantizes activations (a graph onnxruntime would fuse to integers)."""
-    return any(n.op_type in QUANTIZE_OPS for n in model.graph.node)
+    """Whether ``model`` computes in integers (one of ``QUANTIZED_OPS``)."""
+    return any(n.op_type in QUANTIZED_OPS for n in model.graph.node)
 
 
 def ort_session(model: onnx.ModelProto | bytes | str, threads: int | None = None,

@@ -87,7 +87,7 @@ def check_library(library: Path, model: onnx.ModelProto, specs: Sequence[TensorS
     first element, because onnxruntime's max/min reductions keep a NaN only when it comes
     first; elsewhere they drop it while the library keeps it.
 
-    A quantized model (``qdq_check.QUANTIZED_OPS``) is compared with onnxruntime without its
+    A quantized model (``verify.QUANTIZED_OPS``) is compared with onnxruntime without its
     QDQ fusions, each output within ``atol + rtol * max|ref|`` plus ``FLIP_STEPS`` times its
     quantization step or its measured sensitivity (``compiler.qdq_check`` derives both)."""
     import tvm
@@ -102,7 +102,7 @@ def check_library(library: Path, model: onnx.ModelProto, specs: Sequence[TensorS
 
     names = [o.name for o in outputs]
     inputs = verify.seeded_inputs(specs, seed=0)
-    if qdq_check.has_qdq(model):  # the QDQ graph's own math, plus steps (compiler.qdq_check)
+    if verify.quantizes(model):  # the QDQ graph's own math, plus steps (compiler.qdq_check)
         session = qdq_check.reference_session(model)
         allow = qdq_check.tolerances(model, inputs, names)
         comparisons = [verify.compare([n], [qdq_check.as_number(y)], [qdq_check.as_number(r)],

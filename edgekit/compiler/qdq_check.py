@@ -1,5 +1,5 @@
-"""The compile check for quantized models (``QUANTIZED_OPS``): onnxruntime's reference session
-and the tolerance in quantization steps (``build.check_library`` uses both).
+"""The compile check for quantized models (``verify.QUANTIZED_OPS``): onnxruntime's reference
+session and the tolerance in quantization steps (``build.check_library`` uses both).
 
 Reference. onnxruntime runs a QDQ graph with its QDQ fusions at the default (extended)
 optimization level: int8 kernels (MLAS) in place of DQ -> float op -> Q. On x86 without
@@ -61,15 +61,6 @@ _PASS_THROUGH = {
     "Sigmoid", "Tanh", "Gelu", "Erf", "Concat", "Slice", "Split", "Gather", "Dropout",
     "ReduceMean", "ReduceMax", "ReduceMin", "Cast", "Expand", "Pad", "Resize",
 }
-QUANTIZED_OPS = ("QuantizeLinear", "DynamicQuantizeLinear", "QLinearMatMul", "QLinearConv",
-                 "ConvInteger", "MatMulInteger")
-
-
-def has_qdq(model: onnx.ModelProto) -> bool:
-    """True when the model computes in integers (one of ``QUANTIZED_OPS``)."""
-    return any(n.op_type in QUANTIZED_OPS for n in model.graph.node)
-
-
 def reference_session(model: onnx.ModelProto):
     """onnxruntime CPU session without QDQ fusions: the QDQ math (module docstring)."""
     return ort_session(model, qdq_fusions=False)
