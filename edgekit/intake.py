@@ -18,14 +18,14 @@ from __future__ import annotations
 import importlib.util
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import onnx
 
 from edgekit.errors import EdgekitError, first_line
-from edgekit.manifest import available_memory, human_bytes
+from edgekit.manifest import memory_shortfall
 from edgekit.verify import TensorSpec, onnx_input_specs
 
 
@@ -168,13 +168,9 @@ def check_memory(model: onnx.ModelProto, what: str = "running the model") -> Mem
     """Raise ``EdgekitError`` when ``estimate_memory(model)`` exceeds the memory available now
     (``/proc/meminfo`` MemAvailable), naming the sizes; return the estimate otherwise."""
     est = estimate_memory(model)
-    free = available_memory()
-    if free is not None and est.total > free:
-        raise EdgekitError(
-            f"{what} needs an estimated {human_bytes(est.total)} (inputs "
-            f"{human_bytes(est.inputs)}, weights {human_bytes(est.weights)}, largest "
-            f"activations {human_bytes(est.activations)}; estimated from ONNX shape inference) "
-            f"but {human_bytes(free)} is available: give smaller shapes with --input")
+    problem = memory_shortfall(asdict(est), what, "estimated from ONNX shape inference")
+    if problem:
+        raise EdgekitError(f"{problem}: give smaller shapes with --input")
     return est
 
 

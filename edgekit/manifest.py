@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -179,15 +180,21 @@ def memory_problem(manifest: dict[str, Any], what: str) -> str | None:
     manifest's ``memory`` (inputs + weights + the two largest activations, estimated from
     ONNX shapes at compile time) against ``MemAvailable``. An artifact without the estimate
     (compiled before it was recorded) or a machine without ``/proc/meminfo`` passes."""
-    mem, free = manifest.get("memory"), available_memory()
-    if not mem or free is None:
-        return None
-    need = sum(mem[k] for k in MEMORY_PARTS)
-    if need <= free:
+    mem = manifest.get("memory")
+    return memory_shortfall(mem, what, "recorded at compile time") if mem else None
+
+
+def memory_shortfall(parts: Mapping[str, int], what: str, source: str) -> str | None:
+    """Why ``parts`` (bytes per ``MEMORY_PARTS``) do not fit in ``MemAvailable``, naming each
+    part and where the estimate came from (``source``); None when they fit or the machine has
+    no ``/proc/meminfo``. The one check of compile time (``intake``) and load time."""
+    free = available_memory()
+    need = sum(parts[k] for k in MEMORY_PARTS)
+    if free is None or need <= free:
         return None
     return (f"{what} needs an estimated {human_bytes(need)} (inputs "
-            f"{human_bytes(mem['inputs'])}, weights {human_bytes(mem['weights'])}, largest "
-            f"activations {human_bytes(mem['activations'])}; recorded at compile time) but "
+            f"{human_bytes(parts['inputs'])}, weights {human_bytes(parts['weights'])}, largest "
+            f"activations {human_bytes(parts['activations'])}; {source}) but "
             f"{human_bytes(free)} is available")
 
 

@@ -24,8 +24,9 @@ from click.testing import CliRunner
 from numpy.lib import format as npy
 from onnx import TensorProto, helper
 
-from edgekit import api, intake
+from edgekit import api
 from edgekit.cli import cli
+from edgekit.manifest import available_memory
 
 X = np.zeros((1, 4), np.float32)
 
@@ -112,7 +113,7 @@ def _wrong_shape(art, d):
 
 
 def _memory(art, d):  # item 7 at load time: the recorded estimate against MemAvailable
-    free = intake.available_memory() or 1 << 40
+    free = available_memory() or 1 << 40
     _edit(art, lambda m: m["memory"].update(activations=4 * free))
     return _run(art, d)
 
@@ -126,7 +127,7 @@ def _opset_99(art, d):  # Why 9: refused only after a whole TVM build
 
 
 def _huge_input(art, d):  # Why 8: 1x3x100000x100000 reached a MemoryError after a build
-    if (intake.available_memory() or 0) > 2 * 3 * 100000 * 100000 * 4:
+    if (available_memory() or 0) > 2 * 3 * 100000 * 100000 * 4:
         pytest.skip("this machine has the memory for it")
     return ["compile", str(_add(d / "big.onnx", (1, 3, 100000, 100000))), "-o",
             str(d / "big.edgekit")]

@@ -24,6 +24,7 @@ from onnx import TensorProto, helper
 from edgekit import api, intake, runtime
 from edgekit.cli import cli
 from edgekit.errors import EdgekitError
+from edgekit.manifest import available_memory
 
 
 def _cli(*args: str):
@@ -83,7 +84,7 @@ def test_huge_onnx_input_is_refused_before_the_build(tmp_path):
     """Before: a full TVM build, then MemoryError in the check; after: the estimate against
     MemAvailable, in seconds, nothing written."""
     need = 3 * 100000 * 100000 * 4
-    free = intake.available_memory()
+    free = available_memory()
     if free is None or free > 2 * need:
         pytest.skip("this machine has the memory for a 1x3x100000x100000 float tensor")
     model = _relu(tmp_path / "big.onnx", [1, 3, 100000, 100000])
@@ -108,7 +109,7 @@ def test_load_checks_the_recorded_memory_estimate(tmp_path):
     manifest = json.loads(manifest_path.read_text())
     assert manifest["memory"] == {"inputs": 64, "weights": 0, "activations": 64}
     runtime.load(tmp_path / "m.edgekit")  # fits
-    free = intake.available_memory()
+    free = available_memory()
     if free is None:
         pytest.skip("no /proc/meminfo here")
     manifest["memory"]["activations"] = 4 * free
