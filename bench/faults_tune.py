@@ -23,30 +23,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import onnx
-from onnx import TensorProto, helper
-
 from edgekit.compiler import tuning_db
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from _tiny_graphs import chain  # noqa: E402  (the tests' graph: one kernel per layer shape)
+
 EDGEKIT = [sys.executable, "-c", "from edgekit.cli import main; main()"]
-
-
-def chain(path: Path, dims: list[int], seed: int = 0) -> Path:
-    """y = relu(...relu(x @ w0)... @ wk): one MatMul+Relu kernel per (dims[i], dims[i+1])."""
-    rng, nodes, inits, x = np.random.default_rng(seed), [], [], "x"
-    for i, (a, b) in enumerate(zip(dims, dims[1:], strict=False)):
-        w = rng.standard_normal((a, b)).astype(np.float32)
-        inits.append(helper.make_tensor(f"w{i}", TensorProto.FLOAT, [a, b], w.ravel()))
-        nodes += [helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"]),
-                  helper.make_node("Relu", [f"m{i}"], [f"r{i}"])]
-        x = f"r{i}"
-    nodes.append(helper.make_node("Identity", [x], ["y"]))
-    graph = helper.make_graph(
-        nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, dims[0]])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, dims[-1]])], inits)
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-    return path
 
 
 def start_tune(model: Path, db: Path, trials: int) -> subprocess.Popen:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from _tiny_graphs import elementwise
 from onnx import TensorProto, helper
 
 from edgekit import api, runtime
@@ -24,23 +25,12 @@ from edgekit import api, runtime
 EDGEKIT = [sys.executable, "-c", "from edgekit.cli import main; main()"]
 
 
-def _add_model(path: Path, bias: float) -> Path:
-    """y = x + bias, x: 1x4 float."""
-    b = helper.make_tensor("b", TensorProto.FLOAT, [4], [bias] * 4)
-    graph = helper.make_graph(
-        [helper.make_node("Add", ["x", "b"], ["y"])], "add",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [b])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def two_models(tmp_path_factory) -> tuple[Path, Path]:
     """Two artifacts of the same shape whose outputs differ: x + 1 and x + 100."""
     d = tmp_path_factory.mktemp("two")
-    one = api.compile(_add_model(d / "one.onnx", 1.0), "host", d / "one.edgekit").path
-    hundred = api.compile(_add_model(d / "h.onnx", 100.0), "host", d / "h.edgekit").path
+    one = api.compile(elementwise(d / "one.onnx", "Add", 1.0), "host", d / "one.edgekit").path
+    hundred = api.compile(elementwise(d / "h.onnx", "Add", 100.0), "host", d / "h.edgekit").path
     return one, hundred
 
 

@@ -15,10 +15,9 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 from _swap import swap_after_check
-from onnx import TensorProto, helper
+from _tiny_graphs import elementwise
 
 from edgekit import api, per_op, runtime
 from edgekit.devices import runner
@@ -26,23 +25,12 @@ from edgekit.devices import runner
 X = np.arange(4, dtype=np.float32).reshape(1, 4)
 
 
-def _model(path: Path, op: str, value: float) -> Path:
-    """y = x <op> value, x: 1x4 float (Add and Mul give differently named kernels)."""
-    c = helper.make_tensor("c", TensorProto.FLOAT, [4], [value] * 4)
-    graph = helper.make_graph(
-        [helper.make_node(op, ["x", "c"], ["y"])], op.lower(),
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [c])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def add_and_mul(tmp_path_factory) -> tuple[Path, Path]:
     """Two artifacts of the same signature: x + 1 (kernel ``add``), x * 100 (``multiply``)."""
     d = tmp_path_factory.mktemp("toctou")
-    add = api.compile(_model(d / "add.onnx", "Add", 1.0), "host", d / "add.edgekit").path
-    mul = api.compile(_model(d / "mul.onnx", "Mul", 100.0), "host", d / "mul.edgekit").path
+    add = api.compile(elementwise(d / "add.onnx", "Add", 1.0), "host", d / "add.edgekit").path
+    mul = api.compile(elementwise(d / "mul.onnx", "Mul", 100.0), "host", d / "mul.edgekit").path
     return add, mul
 
 

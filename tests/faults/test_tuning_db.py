@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from _tiny_graphs import chain
 from onnx import TensorProto, helper
 
 from edgekit.compiler import tuning_db
@@ -75,23 +76,6 @@ def no_temp_files(db: Path) -> bool:
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
     return two_kernels(tmp_path_factory.mktemp("tdb") / "two.onnx")
-
-
-def chain(path: Path, dims: list[int]) -> Path:
-    """y = relu(...relu(x @ w0)... @ wk): one MatMul+Relu kernel per (dims[i], dims[i+1])."""
-    rng, nodes, inits, x = np.random.default_rng(0), [], [], "x"
-    for i, (a, b) in enumerate(zip(dims, dims[1:], strict=False)):
-        w = rng.standard_normal((a, b)).astype(np.float32)
-        inits.append(helper.make_tensor(f"w{i}", TensorProto.FLOAT, [a, b], w.ravel()))
-        nodes += [helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"]),
-                  helper.make_node("Relu", [f"m{i}"], [f"r{i}"])]
-        x = f"r{i}"
-    nodes.append(helper.make_node("Identity", [x], ["y"]))
-    graph = helper.make_graph(
-        nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, dims[0]])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, dims[-1]])], inits)
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-    return path
 
 
 def test_two_concurrent_tunes_then_a_compile_passes(tmp_path):
