@@ -45,7 +45,7 @@ from edgekit.report.record import parse_duration
 from edgekit.report.schema import load_run, save_run, save_text
 from edgekit.scratch import private_tempdir
 from edgekit.targets import list_targets
-from edgekit.verify import Comparison, TensorSpec, parse_input_spec
+from edgekit.verify import Comparison, InputSpecs, TensorSpec, parse_input_spec, parse_inputs
 
 if TYPE_CHECKING:
     from edgekit.graphs import GraphInfo
@@ -55,14 +55,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_ATOL", "DEFAULT_GRAPH", "DEFAULT_RTOL", "Comparison", "CompileResult",
-    "DemoResult", "ExportResult", "RewriteResult", "RunnerBuild", "TensorSpec",
+    "DemoResult", "ExportResult", "InputSpecs", "RewriteResult", "RunnerBuild", "TensorSpec",
     "build_runner", "check_assertion", "check_regression", "compare_runs", "compile", "demo",
     "environment_differences", "export", "export_streaming", "he_check", "he_run",
     "list_devices", "list_graphs", "list_passes", "list_targets", "load_calibration", "load_npy",
     "load_npz", "load_run", "parse_assertion", "parse_duration", "parse_input_spec",
-    "parse_percent", "per_op", "private_tempdir", "profile", "rewrite", "run", "run_stream",
-    "repair_tuning_db", "save_npz", "save_run", "serve_device", "serve_tracker", "tune",
-    "verify_artifact", "write_report",
+    "parse_inputs", "parse_percent", "per_op", "private_tempdir", "profile", "rewrite", "run",
+    "run_stream", "repair_tuning_db", "save_npz", "save_run", "serve_device", "serve_tracker",
+    "tune", "verify_artifact", "write_report",
 ]
 
 Progress = Callable[[str], None]
@@ -80,6 +80,15 @@ class ExportResult:
     specs: list[TensorSpec]
     source: intake.Source
     comparisons: list[Comparison] = field(default_factory=list)
+    dims: dict[str, tuple[int, int]] = field(default_factory=dict)  # symbolic dims' bounds
+
+
+def _lengths_text(dims: Mapping[str, tuple[int, int]]) -> str:
+    """``seq=1, 256, 129`` (the check points, for progress lines)."""
+    from edgekit import shapes
+
+    points = shapes.check_points(dims)
+    return "; ".join(f"{k}={', '.join(str(p[k]) for p in points)}" for k in dims)
 
 
 def export(
@@ -90,10 +99,16 @@ def export(
     atol: float = DEFAULT_ATOL,
     rtol: float = DEFAULT_RTOL,
     progress: Progress = _quiet,
+    task: str | None = None,
+    pooling: str | None = None,
 ) -> ExportResult:
-    """Export a built-in graph or ``file.py:factory`` to ONNX (or check an ``.onnx`` file).
-    Writes ``out`` only when onnxruntime matches torch within ``atol + rtol * max|ref|``."""
-    from edgekit.export import check_against_torch, export_module, save_onnx
+    """Export a built-in graph, ``file.py:factory`` or ``hf:PATH`` (a transformers folder, with
+    ``task`` and for feature extraction ``pooling``: ``edgekit.hf``) to ONNX (or check an
+    ``.onnx`` file).
+    Writes ``out`` only when onnxruntime matches torch within ``atol + rtol * max|ref|``.
+    ``inputs`` may name symbolic dims (``parse_inputs(["ids:1xseq:int64"], ["seq=1..256"])``):
+    the ONNX model then serves every length in the bounds, checked at several of them."""
+    from edgekit.export import check_against_torch, export_module, rename_outputs, save_onnx
 
     if intake.is_onnx_spec(spec):
         if weights is not None:
@@ -101,23 +116,49 @@ def export(
         progress(f"checking {spec}")
         model = intake.load_onnx(spec, inputs)
         result = ExportResult(model, verify.onnx_input_specs(model, inputs),
-                              intake.Source("onnx", str(Path(spec).resolve())))
+                              intake.Source("onnx", str(Path(spec).resolve())),
+                              dims=verify.model_dims(model))
     else:
         progress(f"building {spec}")
-        tm = intake.load_torch(spec, inputs, weights)
+        tm = intake.load_torch(spec, inputs, weights, task, pooling)
         progress("exporting with torch.onnx (dynamo)")
-        model = export_module(tm.module, tm.specs)
-        progress("checking onnxruntime against torch")
-        comparisons = check_against_torch(tm.module, model, tm.specs, atol, rtol)
+        model = export_module(tm.module, tm.specs, dims=tm.dims)
+        if tm.output_names:
+            rename_outputs(model, tm.output_names)
+        progress("checking onnxruntime against torch"
+                 + (f" at {_lengths_text(tm.dims)}" if tm.dims else ""))
+        comparisons = check_against_torch(tm.module, model, tm.specs, atol, rtol, dims=tm.dims)
         if not all(c.ok for c in comparisons):
             raise EdgekitError("exported ONNX differs from torch beyond tolerance "
                                f"(atol {atol:g}, rtol {rtol:g}): "
                                f"{verify.describe_failures(comparisons)}")
-        result = ExportResult(model, tm.specs, tm.source, comparisons)
+        if tm.real_inputs:
+            progress(f"checking onnxruntime against torch on {len(tm.real_inputs)} real inputs")
+            _check_real_inputs(tm, model, atol, rtol)
+        result = ExportResult(model, tm.specs, tm.source, comparisons, tm.dims)
         intake.set_source(result.model, tm.source)
+        intake.set_metadata(result.model, tm.metadata)
     if out is not None:
         save_onnx(result.model, out)
     return result
+
+
+def _check_real_inputs(tm: intake.TorchModel, model: onnx.ModelProto, atol: float,
+                       rtol: float) -> None:
+    """onnxruntime against torch on ``tm.real_inputs`` (an hf: model's tokenized sentences,
+    each at its own length): one-line error naming the input that differs."""
+    from edgekit.export import torch_outputs
+
+    session = verify.ort_session(model)
+    names = [o.name for o in model.graph.output]
+    for i, inputs in enumerate(tm.real_inputs):
+        got = verify.run_ort(session, inputs)
+        comparisons = verify.compare(names, got, torch_outputs(tm.module, inputs), atol, rtol)
+        if not all(c.ok for c in comparisons):
+            shape = "x".join(map(str, next(iter(inputs.values())).shape))
+            raise EdgekitError(f"exported ONNX differs from torch on real input #{i} ({shape}) "
+                               f"beyond tolerance (atol {atol:g}, rtol {rtol:g}): "
+                               f"{verify.describe_failures(comparisons)}")
 
 
 def export_streaming(
@@ -211,8 +252,8 @@ def _set_calibrated_ranges(model: onnx.ModelProto, real: list[dict[str, np.ndarr
     if not real:
         return
     ranges = {}
-    for name in real[0]:
-        values = np.stack([np.asarray(s[name]) for s in real])
+    for name in real[0]:  # samples may differ in length: their values, flattened
+        values = np.concatenate([np.ravel(s[name]) for s in real])
         if values.dtype.kind in "fiu" and values.size and not np.isnan(values).all():
             ranges[name] = {"min": float(np.nanmin(values)), "max": float(np.nanmax(values)),
                             "samples": len(real)}
@@ -272,8 +313,12 @@ def compile(  # noqa: A001 - the verb users expect
     trials: int | None = None,
     tune_minutes: float | None = None,
     tuning_db: str | Path | None = None,
+    task: str | None = None,
+    pooling: str | None = None,
 ) -> CompileResult:
-    """Compile an ONNX file for ``target`` into an artifact directory ``out``.
+    """Compile an ONNX file for ``target`` into an artifact directory ``out``. Any other MODEL
+    ``export`` takes (a built-in graph, ``file.py:factory``, ``hf:PATH`` with ``task``) is
+    exported first, into a private temporary folder, and then compiled.
 
     For targets that run on this machine the compiled library is run against onnxruntime on
     seeded inputs, then on inputs with NaN, +-Inf and +-1e30 (NaN and Inf must land where
@@ -282,26 +327,43 @@ def compile(  # noqa: A001 - the verb users expect
     with the memory available (``intake.check_memory``).
     CPU targets: ``tune`` runs MetaSchedule first (``trials`` / ``tune_minutes`` budget);
     records in the tuning database (``tuning_db``, default per target under the user's
-    cache) are applied whether or not this call tunes (see ``edgekit.compiler.tune``)."""
+    cache) are applied whether or not this call tunes (see ``edgekit.compiler.tune``).
+    Symbolic dims (the file's own names or ``inputs``' names, bounded by ``inputs.dims`` or
+    the bounds the file records): one artifact serves every length inside the bounds; the
+    manifest records the names, ``dims`` and the compiler's ``shapes`` choice."""
     from edgekit import artifact, compiler, runtime
-    from edgekit.compiler import qdq_check
+    from edgekit.compiler import half, qdq_check
     from edgekit.compiler.qdq import qdq_counts
     from edgekit.targets import load_target
 
+    if not intake.is_onnx_spec(str(onnx_path)):  # a MODEL spec: export it first
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="edgekit-export.") as d:
+            tmp = Path(d)
+            exported = export(str(onnx_path), tmp / "model.onnx", inputs, atol=atol,
+                              rtol=rtol, progress=progress, task=task, pooling=pooling)
+            return compile(tmp / "model.onnx", target, out, passes, [], calibration, atol,
+                           rtol, source or exported.source.to_dict(), progress, tune, trials,
+                           tune_minutes, tuning_db)
+    if task is not None or pooling is not None:
+        raise EdgekitError("--task and --pooling apply when compiling an hf:PATH model")
     tgt = load_target(target)
     model = intake.load_onnx(onnx_path, inputs)
     if tgt.runs_on_host or passes:  # onnxruntime and the library run it here: sizes first
         intake.check_memory(model, f"checking {Path(onnx_path).name} on this machine")
     streaming = _streaming_manifest(model)  # step graphs from `export --streaming`
     specs = verify.onnx_input_specs(model, inputs)
+    bounds = verify.model_dims(model)  # load_onnx checked and recorded them
     source_hash = runtime.sha256_file(Path(onnx_path))
     ledger: list[dict[str, Any]] = []
     if passes:
         rewritten = rewrite(model, passes, inputs, calibration, progress)
         model, ledger = rewritten.model, rewritten.ledger_dicts()
     tgt.find_cross_compiler()  # fail before the long compile when the toolchain is missing
+    half.check_native(model, tgt)  # fp16/bf16 graphs only where computed natively
     progress("importing into TVM Relax")
-    mod = compiler.to_relax(model, specs, progress, tgt.tvm_target())
+    mod = compiler.to_relax(model, specs, progress, tgt.tvm_target(), dim_bounds=bounds)
     progress(f"compiling for {tgt.name}")
     tuning: dict[str, Any] = {}
     executable = compiler.build(
@@ -314,20 +376,22 @@ def compile(  # noqa: A001 - the verb users expect
         progress("linking")
         compiler.export_library(executable, tgt, tmp / artifact.LIBRARY)
         (tmp / artifact.ONNX_FILE).write_bytes(model.SerializeToString())
+        app = _app_files(model, tmp)  # an hf: model's task and tokenizer
         check: dict[str, Any] = {"against": "onnxruntime", "atol": atol, "rtol": rtol}
         int8_kernels = tuning.pop("int8_kernels", [])
+        shapes_info = tuning.pop("shapes", None)
         if verify.quantizes(model):  # tolerance in quantization steps, what runs in int8
             check["quantization"] = {**qdq_counts(mod), "int8_kernels": int8_kernels}
             if tgt.runs_on_host:  # what check_library allows beyond atol/rtol, per output
                 check["quantization"].update(
                     reference="onnxruntime without its QDQ fusions (verify.QDQ_FUSIONS)",
                     flip_steps=qdq_check.FLIP_STEPS, nudge=qdq_check.NUDGE,
-                    outputs=qdq_check.tolerances(model, verify.seeded_inputs(specs, seed=0),
+                    outputs=qdq_check.tolerances(model, verify.seeded_at(specs, bounds)[0][1],
                                                  [o.name for o in outputs]))
         if tgt.runs_on_host:
             progress("verifying against onnxruntime")
             comparisons = compiler.check_library(tmp / artifact.LIBRARY, model, specs, outputs,
-                                                 tgt, atol, rtol)
+                                                 tgt, atol, rtol, dim_bounds=bounds)
             check["outputs"] = [c.to_dict() for c in comparisons]
             if not all(c.ok for c in comparisons):
                 steps = " plus the quantization allowance" if "quantization" in check else ""
@@ -341,6 +405,10 @@ def compile(  # noqa: A001 - the verb users expect
             "target": {**tgt.to_dict(), "machine": tgt.machine},
             "inputs": [s.to_dict() for s in specs],
             "outputs": [s.to_dict() for s in outputs],
+            # symbolic inputs: the bounds every length must keep, and how the compiler serves
+            # them (one symbolic library, buckets; compiler.build reports it)
+            **({"dims": {k: list(v) for k, v in bounds.items()}} if bounds else {}),
+            **({"shapes": shapes_info} if shapes_info else {}),
             "source": {**(source or intake.get_source(model) or
                           {"kind": "onnx", "spec": str(Path(onnx_path).resolve())}),
                        "onnx_sha256": source_hash},
@@ -351,9 +419,36 @@ def compile(  # noqa: A001 - the verb users expect
             "memory": asdict(intake.estimate_memory(
                 onnx.shape_inference.infer_shapes(model))),
             **_calibrated_ranges(model),  # the runtime warns on inputs outside them
+            **({"app": app} if app else {}),
             **streaming,
         })
     return CompileResult(out, manifest)
+
+
+def _app_files(model: onnx.ModelProto, folder: Path) -> dict[str, Any] | None:
+    """The app entry an ``hf:`` export recorded (``edgekit.hf``), its tokenizer written into
+    the artifact ``folder`` (hashed with the other files by ``artifact.publish``)."""
+    import json
+
+    from edgekit import hf
+
+    props = {p.key: p.value for p in model.metadata_props}
+    if hf.APP_KEY not in props:
+        return None
+    try:
+        app = json.loads(props[hf.APP_KEY])
+    except json.JSONDecodeError:
+        raise EdgekitError(f"the model's {hf.APP_KEY} metadata is not JSON") from None
+    if not isinstance(app, dict) or app.get("task") not in hf.TASKS:
+        raise EdgekitError(f"the model's {hf.APP_KEY} metadata names no known task")
+    if "tokenizer" in app:
+        if hf.TOKENIZER_KEY not in props:
+            raise EdgekitError(f"the model's {hf.APP_KEY} names a tokenizer but the model "
+                               "carries none: re-export it with edgekit export hf:PATH")
+        # one fixed name: a file name from metadata could point outside the artifact
+        app["tokenizer"] = {**app["tokenizer"], "file": hf.TOKENIZER_FILE}
+        (folder / hf.TOKENIZER_FILE).write_text(props[hf.TOKENIZER_KEY])
+    return app
 
 
 def _streaming_manifest(model: onnx.ModelProto) -> dict[str, Any]:
@@ -366,11 +461,15 @@ def _streaming_manifest(model: onnx.ModelProto) -> dict[str, Any]:
 
 
 def _output_specs(model: onnx.ModelProto) -> list[TensorSpec]:
+    """Output specs from shape inference: a dim named after a bounded input dim keeps the
+    name (``seq``); any other unknown dim (an expression, an unnamed one) is -1."""
     inferred = onnx.shape_inference.infer_shapes(model)
+    names = verify.model_dims(model)
     out = []
     for o in inferred.graph.output:
         t = o.type.tensor_type
-        shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
+        shape = tuple(d.dim_value if d.HasField("dim_value") else
+                      d.dim_param if d.dim_param in names else -1 for d in t.shape.dim)
         out.append(TensorSpec(o.name, shape, verify._ONNX_TO_NUMPY.get(t.elem_type, "unknown")))
     return out
 
@@ -444,17 +543,20 @@ def run_stream(artifact_path: str | Path,
 
 def profile(artifact_path: str | Path, runner: str | None = None, tracker: str | None = None,
             key: str | None = None, **kwargs: Any) -> dict[str, Any]:
-    """See ``edgekit.profile.profile_artifact``; ``runner`` ("native", "qemu") or ``tracker``
-    + ``key`` profile on a device instead (``edgekit.devices.profile_on_device``)."""
+    """See ``edgekit.profile.profile_artifact`` (``inputs``: arrays to time on; ``lengths``:
+    a sweep of a symbolic artifact's dim, one row per length, onnxruntime beside it);
+    ``runner`` ("native", "qemu") or ``tracker`` + ``key`` profile on a device instead
+    (``edgekit.devices.profile_on_device``; a symbolic artifact at its upper bounds)."""
     from edgekit import runtime
     from edgekit.profile import profile_artifact
 
     if runner or tracker or key:
         from edgekit.devices import profile_on_device
 
-        if kwargs.pop("source", None) or kwargs.pop("sha256", None):
-            raise EdgekitError("--source and --sha256 apply to profiling in this process, "
-                               "not with --runner or --tracker")
+        if (kwargs.pop("source", None) or kwargs.pop("sha256", None)
+                or kwargs.pop("inputs", None) is not None or kwargs.pop("lengths", None)):
+            raise EdgekitError("--source, --sha256, --input and --lengths apply to profiling "
+                               "in this process, not with --runner or --tracker")
         kwargs.pop("memory", None)  # RSS is measured in local processes only
         return profile_on_device(artifact_path, runner, tracker, key, **kwargs)
     try:

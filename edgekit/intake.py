@@ -24,9 +24,17 @@ from typing import Any
 
 import onnx
 
+from edgekit import shapes
 from edgekit.errors import EdgekitError, first_line
 from edgekit.manifest import memory_shortfall
-from edgekit.verify import TensorSpec, onnx_input_specs
+from edgekit.verify import (
+    TensorSpec,
+    dims_of,
+    model_dims,
+    onnx_input_specs,
+    resolve_dims,
+    set_model_dims,
+)
 
 
 @dataclass
@@ -47,6 +55,12 @@ class TorchModel:
     module: Any
     specs: list[TensorSpec]
     source: Source
+    dims: shapes.Bounds = field(default_factory=dict)  # bounds of the specs' symbolic names
+    # ONNX metadata the export adds (an hf: model's app entry and tokenizer)
+    metadata: dict[str, str] = field(default_factory=dict)
+    # real inputs the export is checked on besides the seeded ones (hf: tokenized text)
+    real_inputs: list[dict[str, Any]] = field(default_factory=list)
+    output_names: list[str] = field(default_factory=list)  # names for the graph's outputs
 
 
 _SOURCE_KEY = "edgekit.source"
@@ -56,7 +70,15 @@ def set_source(model: onnx.ModelProto, source: Source) -> None:
     """Record in the ONNX metadata which torch model it came from (for torch baselines)."""
     import json
 
-    onnx.helper.set_model_props(model, {_SOURCE_KEY: json.dumps(source.to_dict())})
+    props = {p.key: p.value for p in model.metadata_props}  # others kept (edgekit.dims)
+    onnx.helper.set_model_props(model, {**props, _SOURCE_KEY: json.dumps(source.to_dict())})
+
+
+def set_metadata(model: onnx.ModelProto, metadata: dict[str, str]) -> None:
+    """Add ``metadata`` to the ONNX model's metadata_props (others kept)."""
+    if metadata:
+        props = {p.key: p.value for p in model.metadata_props}
+        onnx.helper.set_model_props(model, {**props, **metadata})
 
 
 def get_source(model: onnx.ModelProto) -> dict[str, Any] | None:
@@ -77,7 +99,11 @@ def is_onnx_spec(spec: str) -> bool:
 
 
 def load_onnx(path: str | Path, overrides: Sequence[TensorSpec] = ()) -> onnx.ModelProto:
-    """Load and check an ONNX file; one-line errors for missing, garbage or invalid files."""
+    """Load and check an ONNX file; one-line errors for missing, garbage or invalid files.
+
+    Symbolic dims (the file's ``dim_param`` names, or names in ``overrides``) need bounds:
+    the ``--dim`` bounds that come with ``overrides`` (``verify.InputSpecs``) over those the
+    file records (``verify.model_dims``); the result records the bounds it was loaded with."""
     path = Path(path)
     if not path.is_file():
         raise EdgekitError(f"ONNX file not found: {path}")
@@ -92,9 +118,12 @@ def load_onnx(path: str | Path, overrides: Sequence[TensorSpec] = ()) -> onnx.Mo
         onnx.checker.check_model(model)
     except Exception as exc:
         raise EdgekitError(f"{path} fails the ONNX checker: {first_line(exc)}") from None
-    # surfaces dynamic dims, unknown --input names and --input that contradicts the model
-    onnx_input_specs(model, overrides)
+    # surfaces unnamed dynamic dims, unknown --input names and --input that contradicts the
+    # model, and symbolic dims without bounds
+    specs = onnx_input_specs(model, overrides)
+    bounds = resolve_dims(specs, model_dims(model), dims_of(overrides))
     _fix_input_dims(model, overrides)
+    set_model_dims(model, bounds)
     try:
         model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     except Exception as exc:
@@ -151,9 +180,13 @@ def _tensor_bytes(value: onnx.ValueInfoProto) -> int:
 
 
 def estimate_memory(model: onnx.ModelProto) -> MemoryEstimate:
-    """``MemoryEstimate`` of a shape-inferred model (see its docstring for what it counts)."""
+    """``MemoryEstimate`` of a shape-inferred model (see its docstring for what it counts);
+    a model with symbolic dims is estimated at their upper bounds (its largest run)."""
     import numpy as np
 
+    bounds = model_dims(model)
+    if bounds:
+        model = at_lengths(model, {k: hi for k, (lo, hi) in bounds.items()})
     inits = {t.name for t in model.graph.initializer}
     weights = sum(int(np.prod(t.dims, dtype=np.int64)) *
                   onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
@@ -174,23 +207,50 @@ def check_memory(model: onnx.ModelProto, what: str = "running the model") -> Mem
     return est
 
 
+def at_lengths(model: onnx.ModelProto, values: dict[str, int]) -> onnx.ModelProto:
+    """A shape-inferred copy of ``model`` with its symbolic input dims set to ``values``."""
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    del fixed.graph.value_info[:]
+    for value in fixed.graph.input:
+        for d in value.type.tensor_type.shape.dim:
+            if d.HasField("dim_param") and d.dim_param in values:
+                d.dim_value = values[d.dim_param]
+    try:
+        return onnx.shape_inference.infer_shapes(fixed)
+    except Exception:  # an estimate: the shapes inferred so far are used as they are
+        return fixed
+
+
 def _fix_input_dims(model: onnx.ModelProto, overrides: Sequence[TensorSpec]) -> None:
     """Write each ``--input`` shape (checked by ``onnx_input_specs``) into the model's declared
-    input: dynamic dims become static, so shape inference (and every pass that needs static
-    shapes) sees them."""
+    input: dynamic dims given as numbers become static, so shape inference (and every pass
+    that needs static shapes) sees them; names become the dim's ``dim_param``."""
     by_name = {o.name: o for o in overrides}
     for value in model.graph.input:
         if value.name in by_name:
             dims = value.type.tensor_type.shape.dim
             for d, n in zip(dims, by_name[value.name].shape, strict=True):
-                d.dim_value = n  # also clears dim_param (a oneof)
+                if shapes.is_symbolic(n):
+                    d.dim_param = n  # also clears dim_value (a oneof)
+                else:
+                    d.dim_value = n
 
 
 def load_torch(spec: str, overrides: Sequence[TensorSpec] = (),
-               weights: str | Path | None = None) -> TorchModel:
-    """Resolve a built-in graph name or ``file.py:factory`` to an eval-mode module."""
-    from edgekit import graphs
+               weights: str | Path | None = None, task: str | None = None,
+               pooling: str | None = None) -> TorchModel:
+    """Resolve a built-in graph name, ``file.py:factory`` or ``hf:PATH`` (with ``task``,
+    ``edgekit.hf``) to an eval-mode module."""
+    from edgekit import graphs, hf
 
+    if hf.is_hf_spec(spec):
+        if weights is not None:
+            raise EdgekitError("--weights applies to file.py:factory models; an hf: folder "
+                               "holds its own weights")
+        return _load_hf(spec, overrides, task, pooling)
+    if task is not None or pooling is not None:
+        raise EdgekitError("--task and --pooling apply to hf:PATH models only")
     builtin = graphs.available()
     if spec in builtin:
         g = builtin[spec]
@@ -204,12 +264,36 @@ def load_torch(spec: str, overrides: Sequence[TensorSpec] = (),
     else:
         names = ", ".join(builtin)
         raise EdgekitError(f"unknown model {spec!r}: give a built-in graph ({names}), "
-                           "path/to/file.py:factory, or a .onnx file")
+                           "path/to/file.py:factory, hf:PATH --task T, or a .onnx file")
     if weights is not None:
         _load_weights(module, Path(weights))
         source.weights = str(Path(weights).resolve())
     specs = _merge_specs(defaults, overrides, spec)
-    return TorchModel(module.eval(), specs, source)
+    return TorchModel(module.eval(), specs, source, resolve_dims(specs, {}, dims_of(overrides)))
+
+
+def _load_hf(spec: str, overrides: Sequence[TensorSpec], task: str | None,
+             pooling: str | None) -> TorchModel:
+    """``hf:PATH``: the task module, its default specs (``seq`` bounded by the model's
+    longest input unless ``--input``/``--dim`` say otherwise), the app metadata and the
+    tokenized check texts."""
+    import json
+
+    from edgekit import hf
+
+    if task is None:
+        raise EdgekitError(f"{spec}: give the task with --task ({', '.join(hf.TASKS)})")
+    model = hf.load(spec, task, pooling)
+    specs = _merge_specs(model.specs, overrides, spec)
+    dims = resolve_dims(specs, model.bounds, dims_of(overrides))
+    metadata = {hf.APP_KEY: json.dumps(model.app)}
+    if model.tokenizer_json is not None:
+        metadata[hf.TOKENIZER_KEY] = model.tokenizer_json
+    real = [r for r in hf.check_texts_inputs(model, [s.name for s in specs])
+            if shapes.fits(specs, r, dims)]
+    source = Source("hf", model.details["folder"], details={
+        "task": task, "pooling": model.app.get("pooling")})
+    return TorchModel(model.module, specs, source, dims, metadata, real, [model.app["output"]])
 
 
 def _call_factory(file: Path, factory: str):

@@ -8,6 +8,7 @@ it.
 from __future__ import annotations
 
 import hashlib
+import re
 import struct
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,6 +37,7 @@ def sha256_file(path: Path) -> str:
 # ---- the manifest's schema: every problem named, never a KeyError or TypeError later ----
 
 _HEX = frozenset("0123456789abcdef")
+_DIM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*$")  # a symbolic dim (edgekit.shapes)
 
 
 def is_int(v: Any) -> bool:
@@ -54,8 +56,10 @@ def _tensor_problems(field: str, items: Any, min_dim: int) -> list[str]:
         if not isinstance(t.get("name"), str):
             out.append(f"{where}.name must be a string")
         shape = t.get("shape")
-        if not (isinstance(shape, list) and all(is_int(d) and d >= min_dim for d in shape)):
-            out.append(f"{where}.shape must be a list of integers >= {min_dim}")
+        if not (isinstance(shape, list) and all(
+                (is_int(d) and d >= min_dim) or (isinstance(d, str) and _DIM_NAME.match(d))
+                for d in shape)):
+            out.append(f"{where}.shape must be a list of integers >= {min_dim} or dim names")
         try:
             if not isinstance(t.get("dtype"), str):
                 raise TypeError
@@ -89,7 +93,9 @@ def _streaming_problems(s: Any) -> list[str]:
 
 
 def manifest_problems(manifest: Any) -> list[str]:
-    """Every way ``manifest`` breaks the artifact schema (version 1), one line each."""
+    """Every way ``manifest`` breaks the artifact schema (version 1), one line each. Symbolic
+    inputs (names in ``inputs[].shape``, bounds in ``dims``, the compiler's ``shapes``) are
+    optional fields: a static artifact has none, and older manifests load unchanged."""
     if not isinstance(manifest, dict):
         return ["the manifest must be a JSON object"]
     m, out = manifest, []
@@ -124,10 +130,31 @@ def manifest_problems(manifest: Any) -> list[str]:
     if "streaming" in m:
         out += _streaming_problems(m["streaming"])
     out += _ranges_problems(m.get("calibrated_ranges"), m.get("inputs"))
+    out += _dims_problems(m.get("dims"), m.get("inputs"))
+    if m.get("shapes") is not None and not isinstance(m["shapes"], dict):
+        out.append("shapes must be an object")
     mem = m.get("memory")
     if mem is not None and not (isinstance(mem, dict) and all(
             is_int(mem.get(k)) and mem[k] >= 0 for k in MEMORY_PARTS)):
         out.append(f"memory must be an object of {', '.join(MEMORY_PARTS)}: integers >= 0")
+    return out
+
+
+def _dims_problems(dims: Any, inputs: Any) -> list[str]:
+    """``dims``: name -> [lo, hi] (1 <= lo <= hi) for every symbolic name the inputs use
+    (optional: an artifact with static inputs has none)."""
+    used = {d for t in inputs if isinstance(t, dict) and isinstance(t.get("shape"), list)
+            for d in t["shape"] if isinstance(d, str)} if isinstance(inputs, list) else set()
+    if dims is None:
+        dims = {}
+    elif not isinstance(dims, dict):
+        return ["dims must be an object of dim name -> [lo, hi]"]
+    out = [f"dims[{name!r}] must be [lo, hi]: integers, 1 <= lo <= hi"
+           for name, pair in dims.items()
+           if not (isinstance(pair, list) and len(pair) == 2 and all(map(is_int, pair))
+                   and 1 <= pair[0] <= pair[1])]
+    out += [f"inputs use the dim {name!r}, which dims does not bound"
+            for name in sorted(used - set(dims))]
     return out
 
 

@@ -5,6 +5,12 @@ the other: warm-up calls, then timed calls until ``repeat`` calls or ``duration`
 (the loop and its statistics: ``edgekit.report.stats``). The first call after loading is timed
 apart (it includes lazy initialisation).
 
+Inputs: seeded ones of the manifest's shapes, or the user's arrays (``inputs``). An artifact
+with symbolic dims (``edgekit.shapes``) is timed at ``lengths`` (a sweep of its one symbolic
+dim, each length with every engine, one row per length in ``lengths``), at the user's arrays'
+lengths, or else at its upper bounds (its slowest call, said in the notes); the run's
+top-level latency is that of the longest length.
+
 Memory (``profile_memory``, on by default): the artifact's size on disk, and each engine's
 resident-memory growth over loading and over its first ``MEMORY_RUNS`` calls, every engine in a
 fresh child process with the same inputs and thread count (definitions:
@@ -18,12 +24,12 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from edgekit import runtime
+from edgekit import runtime, shapes
 from edgekit.artifact import ONNX_FILE
 from edgekit.errors import EdgekitError
 from edgekit.report import memory as mem
@@ -98,14 +104,16 @@ def profile_artifact(
     source: str | None = None,
     sha256: str | None = None,
     memory: bool = True,
+    inputs: Mapping[str, np.ndarray] | None = None,
+    lengths: Sequence[int] = (),
 ) -> dict:
     """Measure an artifact (and baselines); returns the JSON-ready result, in the schema of
     ``edgekit.report.schema`` (``duration="auto"``: until the median's CI is tight).
     ``source``: ``FILE.py:factory`` for the torch baseline (a manifest's own is never
     imported); ``sha256``: the artifact digest to insist on (``edgekit verify``);
-    ``memory``: also measure memory (``profile_memory``; a few seconds per engine)."""
-    from edgekit.verify import TensorSpec, seeded_inputs
-
+    ``memory``: also measure memory (``profile_memory``; a few seconds per engine);
+    ``inputs``: the arrays to time on (default: seeded); ``lengths``: a sweep of a symbolic
+    artifact's one symbolic dim (one row per length; see the module docstring)."""
     unknown = set(compare) - set(ENGINES)
     if unknown:
         raise EdgekitError(f"unknown engine {sorted(unknown)[0]!r} for --compare "
@@ -115,9 +123,10 @@ def profile_artifact(
     t0 = time.perf_counter()
     model = runtime.load(path, sha256=sha256)
     load_ms = (time.perf_counter() - t0) * 1e3
-    specs = [TensorSpec.from_dict(i) for i in model.inputs]
-    inputs = seeded_inputs(specs, seed)
-    call = model.prepare(inputs)
+    notes: list[str] = []
+    points = _points(model, inputs, lengths, seed, notes)
+    main_point, main_inputs = points[-1]  # the longest: the run's top-level latency
+    call = model.prepare(main_inputs)
     t0 = time.perf_counter()
     call()
     first_ms = (time.perf_counter() - t0) * 1e3
@@ -128,38 +137,102 @@ def profile_artifact(
         "load_ms": load_ms,
         "first_run_ms": first_ms,
     }
-    times, steady = measure(call, warmup, repeat, duration)
-    all_times, all_steady = {"edgekit": times}, {"edgekit": steady}
-    result["iterations"] = len(times)
-    result["latency_ms"] = latency_stats(times)
-    notes = []
+    rows = []
+    for point, arrays in points:
+        times, steady, baselines = _time_engines(model, path, arrays, point, compare, threads,
+                                                 (warmup, repeat, duration), source, notes)
+        rows.append({"lengths": point, "latency_ms": latency_stats(times["edgekit"]),
+                     "baselines": {k: latency_stats(v) for k, v in times.items()
+                                   if k != "edgekit"}})
+    all_times, all_steady = times, steady  # the last point's: the longest
+    result["iterations"] = len(all_times["edgekit"])
+    result["latency_ms"] = latency_stats(all_times["edgekit"])
+    if baselines:
+        result["baselines"] = baselines
+        result["ratios"] = {k: result["latency_ms"]["median"] / v["median"]
+                            for k, v in baselines.items()}
+    if main_point:
+        result["lengths"] = [{**r, "ratios": {k: r["latency_ms"]["median"] / v["median"]
+                                              for k, v in r["baselines"].items()}}
+                             for r in rows]
+    if memory:
+        result["memory"] = profile_memory(path, list(baselines), threads, seed, source,
+                                          sha256, notes, main_point)
+    result["notes"] = notes
+    return finalize(result, all_times, all_steady, model.manifest, warmup)
+
+
+def _points(model: runtime.CompiledModel, inputs: Mapping[str, np.ndarray] | None,
+            lengths: Sequence[int], seed: int, notes: list[str]
+            ) -> list[tuple[dict[str, int], dict[str, np.ndarray]]]:
+    """(lengths, input arrays) to time, shortest first: the user's arrays, a sweep of the
+    one symbolic dim, or seeded inputs (a symbolic artifact's at its upper bounds)."""
+    from edgekit.verify import TensorSpec, seeded_inputs
+
+    specs = [TensorSpec.from_dict(i) for i in model.inputs]
+    declared = {s.name: s.shape for s in specs}
+    if inputs is not None:
+        if lengths:
+            raise EdgekitError("give either input files or --lengths, not both")
+        try:
+            model.prepare(dict(inputs))  # names, ranks, dtypes, lengths: one-line errors
+        except ValueError as exc:
+            raise EdgekitError(str(exc)) from None
+        point = shapes.bind(declared, {k: np.shape(inputs[k]) for k in declared}, model.dims)
+        return [(point, dict(inputs))]
+    if lengths:
+        if len(model.dims) != 1:
+            raise EdgekitError(
+                "--lengths sweeps an artifact with one symbolic dim; this one has "
+                + (f"{len(model.dims)} ({shapes.format_bounds(model.dims)}): give input "
+                   "files instead" if model.dims else "static inputs"))
+        (name, (lo, hi)), = model.dims.items()
+        bad = [n for n in lengths if not lo <= n <= hi]
+        if bad:
+            raise EdgekitError(f"--lengths {bad[0]}: outside the bounds of {name!r}, "
+                               f"{lo}..{hi}")
+        return [({name: n}, seeded_inputs(shapes.concrete(specs, {name: n}), seed))
+                for n in sorted(set(lengths))]
+    point = {k: hi for k, (lo, hi) in model.dims.items()}
+    if point:
+        notes.append(f"timed at the upper bounds ({shapes.format_point(point)}); --lengths or "
+                     "--input NAME=FILE.npy time other lengths")
+    return [(point, seeded_inputs(shapes.concrete(specs, point), seed))]
+
+
+def _time_engines(model: runtime.CompiledModel, path: str | Path,
+                  inputs: dict[str, np.ndarray], point: dict[str, int],
+                  compare: Sequence[str], threads: int, loop: tuple, source: str | None,
+                  notes: list[str]) -> tuple[dict, dict, dict]:
+    """Edgekit then each baseline on ``inputs``: (times, steady phases, baseline stats)."""
+    from edgekit.verify import TensorSpec
+
+    warmup, repeat, duration = loop
+    times, steady = {}, {}
+    times["edgekit"], steady["edgekit"] = measure(model.prepare(inputs), warmup, repeat,
+                                                  duration)
     baselines = {}
     for engine in compare:
         if engine == "ort":
             fn = ort_runner(Path(path) / ONNX_FILE, inputs, threads)
         else:
+            specs = shapes.concrete([TensorSpec.from_dict(i) for i in model.inputs], point)
             fn, why = torch_runner(model.manifest.get("source") or {}, inputs, threads, specs,
                                    source)
             if fn is None:
-                notes.append(f"torch baseline skipped: {why}")
+                if f"torch baseline skipped: {why}" not in notes:
+                    notes.append(f"torch baseline skipped: {why}")
                 continue
         fn()
-        all_times[engine], all_steady[engine] = measure(fn, warmup, repeat, duration)
-        baselines[engine] = latency_stats(all_times[engine])
-    if baselines:
-        result["baselines"] = baselines
-        result["ratios"] = {k: result["latency_ms"]["median"] / v["median"]
-                            for k, v in baselines.items()}
-    if memory:
-        result["memory"] = profile_memory(path, list(baselines), threads, seed, source,
-                                          sha256, notes)
-    result["notes"] = notes
-    return finalize(result, all_times, all_steady, model.manifest, warmup)
+        times[engine], steady[engine] = measure(fn, warmup, repeat, duration)
+        baselines[engine] = latency_stats(times[engine])
+    return times, steady, baselines
 
 
 def profile_memory(path: str | Path, engines: Sequence[str], threads: int, seed: int = 0,
                    source: str | None = None, sha256: str | None = None,
-                   notes: list[str] | None = None) -> dict:
+                   notes: list[str] | None = None,
+                   lengths: Mapping[str, int] | None = None) -> dict:
     """The run's ``memory`` object: artifact sizes, per-engine RSS growth (edgekit and
     ``engines``, each in a fresh child process) and the planned workspace. What could not be
     measured is left out and said in ``notes``."""
@@ -172,7 +245,8 @@ def profile_memory(path: str | Path, engines: Sequence[str], threads: int, seed:
         return out
     for engine in ("edgekit", *engines):
         spec = {"artifact": str(Path(path).resolve()), "engine": engine, "threads": threads,
-                "seed": seed, "source": source, "sha256": sha256, "runs": MEMORY_RUNS}
+                "seed": seed, "source": source, "sha256": sha256, "runs": MEMORY_RUNS,
+                "lengths": dict(lengths or {})}
         got, why = mem.run_child(_MEMORY_CHILD, spec)
         if got is None:
             notes.append(f"memory of {engine} not measured: {why}")
@@ -206,7 +280,8 @@ def _memory_loader(engine: str, path: Path, inputs: dict[str, np.ndarray], threa
         import edgekit.intake  # noqa: F401
         torch.set_num_threads(threads)
         manifest = runtime.read_manifest(path, check_hashes=False)
-        specs = [TensorSpec.from_dict(i) for i in manifest["inputs"]]
+        specs = shapes.concrete([TensorSpec.from_dict(i) for i in manifest["inputs"]],
+                                spec.get("lengths") or {})
 
         def load():
             fn, why = torch_runner(manifest.get("source") or {}, inputs, threads, specs,
@@ -225,7 +300,8 @@ def memory_child() -> None:
     spec = json.loads(sys.stdin.read())
     path, engine, threads = Path(spec["artifact"]), spec["engine"], spec["threads"]
     manifest = runtime.read_manifest(path, check_hashes=False)
-    inputs = seeded_inputs([TensorSpec.from_dict(i) for i in manifest["inputs"]], spec["seed"])
+    inputs = seeded_inputs(shapes.concrete([TensorSpec.from_dict(i) for i in manifest["inputs"]],
+                                           spec.get("lengths") or {}), spec["seed"])
     result: dict = mem.measure_engine(
         _memory_loader(engine, path, inputs, threads, spec), spec["runs"])
     if engine == "edgekit":  # after the RSS readings: a second load of the artifact

@@ -3,7 +3,10 @@
 
 An artifact is a directory ``NAME.edgekit/`` holding ``manifest.json``, the compiled
 library ``model.so`` and the ONNX model it was compiled from. ``load`` refuses an artifact
-whose files do not match the sha256 digests in its manifest.
+whose files do not match the sha256 digests in its manifest. An artifact with symbolic inputs
+(names in the manifest's input shapes, bounds in its ``dims``) runs any length inside the
+bounds; ``run`` binds the arrays' shapes to the names first (``edgekit.shapes.bind``), so a
+wrong rank, dtype or a length outside the bounds is one ``ValueError`` naming the dim.
 
 "TVM's runtime" means ``libtvm_runtime.so`` driven through ``tvm_ffi``: this module never
 imports the ``tvm`` package, whose ``__init__`` loads the compiler library
@@ -25,12 +28,14 @@ import mmap
 import os
 import platform
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from edgekit import shapes
+from edgekit.errors import EdgekitError
 from edgekit.hashed_library import (
     Image,
     cuda_available,
@@ -213,6 +218,10 @@ class CompiledModel:
         self.manifest = manifest
         self.inputs: list[dict] = manifest["inputs"]
         self.outputs: list[dict] = manifest["outputs"]
+        # bounds of the symbolic input dims ({} for a static artifact): one library serves
+        # every length inside them (the manifest's schema checked they cover every name)
+        self.dims: dict[str, tuple[int, int]] = {
+            k: (int(v[0]), int(v[1])) for k, v in (manifest.get("dims") or {}).items()}
         target = manifest["target"]
         machine = platform.machine()
         if target.get("machine") not in (None, machine):
@@ -256,13 +265,20 @@ class CompiledModel:
         unknown = sorted(set(kwargs) - set(names))
         if unknown:
             raise ValueError(f"unknown input {unknown[0]!r}; expected {', '.join(names)}")
+        missing = [i["name"] for i in self.inputs if i["name"] not in kwargs]
+        if missing:
+            raise ValueError(f"missing input {missing[0]!r}")
+        if self.dims:  # any length in the bounds: bind() names the input, dim and bounds
+            try:
+                shapes.bind({i["name"]: i["shape"] for i in self.inputs},
+                            {k: np.shape(v) for k, v in kwargs.items()}, self.dims)
+            except EdgekitError as exc:
+                raise ValueError(str(exc)) from None
         arrays = []
         for spec in self.inputs:
             name = spec["name"]
-            if name not in kwargs:
-                raise ValueError(f"missing input {name!r}")
             a = np.asarray(kwargs[name])
-            if tuple(a.shape) != tuple(spec["shape"]):
+            if not self.dims and tuple(a.shape) != tuple(spec["shape"]):
                 raise ValueError(f"input {name!r}: expected shape {tuple(spec['shape'])}, "
                                  f"got {tuple(a.shape)}")
             if a.dtype != np.dtype(spec["dtype"]):
@@ -327,6 +343,23 @@ class CompiledModel:
     def stream(self) -> StreamSession:
         """A stateful session for a step artifact (raises ArtifactError otherwise)."""
         return StreamSession(self)
+
+    def _task(self) -> Any:
+        if getattr(self, "_task_runner", None) is None:
+            from edgekit.tasks import TaskRunner  # numpy and tokenizers only
+
+            self._task_runner = TaskRunner(self.path, self.manifest, self.run)
+        return self._task_runner
+
+    def embed(self, texts: str | Sequence[str]) -> np.ndarray:
+        """One embedding row per text, for an artifact exported with ``--task
+        feature-extraction`` (tokenized by its own tokenizer, each text at its own length)."""
+        return self._task().embed(texts)
+
+    def classify(self, items: Any) -> list[tuple[str, float]]:
+        """``(label, probability)`` per text (``text-classification``) or per H x W x 3 image
+        (``image-classification``)."""
+        return self._task().classify(items)
 
 
 class StreamSession:

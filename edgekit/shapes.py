@@ -21,6 +21,7 @@ from edgekit.errors import EdgekitError
 Dim = int | str
 Bounds = dict[str, tuple[int, int]]
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*$")
+NAME = _NAME  # what a symbolic dim's name may be
 _DIM_OPTION = re.compile(r"^([^=]+)=(\d+)\.\.(\d+)$")
 S = TypeVar("S")  # anything with a ``shape`` field (verify.TensorSpec)
 
@@ -131,5 +132,42 @@ def bind(shapes: Mapping[str, Sequence[Dim]], actual: Mapping[str, Sequence[int]
     return values
 
 
+def format_point(values: Mapping[str, int]) -> str:
+    """``seq=17, batch=2`` (one length per name)."""
+    return ", ".join(f"{k}={v}" for k, v in values.items())
+
+
+def format_bounds(bounds: Mapping[str, tuple[int, int]]) -> str:
+    """``seq=1..256, batch=1..8`` (the ``--dim`` spelling)."""
+    return ", ".join(f"{k}={lo}..{hi}" for k, (lo, hi) in bounds.items())
+
+
+def bounds_from_json(data: Any) -> Bounds:
+    """``{"seq": [1, 256]}`` (a manifest's or a model's record) -> bounds; a malformed record
+    is a one-line error."""
+    if not isinstance(data, Mapping):
+        raise EdgekitError("dims must be an object of name -> [lo, hi]")
+    out: Bounds = {}
+    for name, pair in data.items():
+        ok = (isinstance(name, str) and _NAME.match(name) and isinstance(pair, list | tuple)
+              and len(pair) == 2 and all(isinstance(v, int) and not isinstance(v, bool)
+                                         for v in pair) and 1 <= pair[0] <= pair[1])
+        if not ok:
+            raise EdgekitError(f"dims[{name!r}] must be [lo, hi]: integers, 1 <= lo <= hi")
+        out[name] = (pair[0], pair[1])
+    return out
+
+
 def format_shape(shape: Sequence[Dim]) -> str:
     return "x".join(str(d) for d in shape) or "scalar"
+
+
+def fits(specs: Sequence[Any], arrays: Mapping[str, Any], bounds: Mapping[str, tuple[int, int]]
+         ) -> bool:
+    """Whether ``arrays`` (name -> array) fit ``specs`` (shapes with names) within ``bounds``."""
+    try:
+        bind({s.name: s.shape for s in specs}, {s.name: arrays[s.name].shape for s in specs},
+             bounds)
+    except (EdgekitError, KeyError):
+        return False
+    return True

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from edgekit import shapes
 from edgekit.errors import EdgekitError, first_line
 
 _ONNX_TO_NUMPY = {
@@ -32,14 +33,17 @@ _ONNX_TO_NUMPY = {
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """Name, static shape and numpy dtype name of one model input or output.
+    """Name, shape and numpy dtype name of one model input or output.
+
+    ``shape``: ints, or names for symbolic dims (``(1, "seq")``, see ``edgekit.shapes``);
+    an output dim that is neither (an expression of names) is -1.
 
     ``high``: for an integer input used as indices into a table (token ids into an embedding),
     the table's size, so seeded inputs cover the whole table instead of rows 0 and 1.
     """
 
     name: str
-    shape: tuple[int, ...]
+    shape: tuple[shapes.Dim, ...]
     dtype: str
     high: int | None = field(default=None, compare=False)
 
@@ -66,19 +70,51 @@ class Comparison:
         return asdict(self)
 
 
+class InputSpecs(list):
+    """``--input`` specs together with the bounds (``--dim``) of the symbolic names they
+    use: a shape with names is incomplete without them. A plain list of specs has none."""
+
+    def __init__(self, specs: Sequence[TensorSpec] = (),
+                 dims: Mapping[str, tuple[int, int]] | None = None):
+        super().__init__(specs)
+        self.dims: shapes.Bounds = dict(dims or {})
+
+
+def dims_of(specs: Sequence[TensorSpec]) -> shapes.Bounds:
+    """The ``--dim`` bounds that came with ``specs`` (an ``InputSpecs``), else ``{}``."""
+    return dict(getattr(specs, "dims", {}))
+
+
+def parse_inputs(inputs: Sequence[str], dims: Sequence[str] = ()) -> InputSpecs:
+    """``--input`` texts and ``--dim NAME=LO..HI`` texts -> ``InputSpecs``."""
+    return InputSpecs([parse_input_spec(t) for t in inputs], shapes.parse_dim_options(dims))
+
+
+def _parse_dim(text: str, spec: str) -> shapes.Dim:
+    if shapes.NAME.match(text):
+        return text
+    try:
+        dim = int(text)
+    except ValueError:
+        raise EdgekitError(f"bad input spec {spec!r}: a dimension is a positive integer or a "
+                           f"name (a symbolic dim, bounded with --dim NAME=LO..HI), not "
+                           f"{text!r}") from None
+    if dim <= 0:
+        raise EdgekitError(f"bad input spec {spec!r}: dimensions must be positive")
+    return dim
+
+
 def parse_input_spec(text: str) -> TensorSpec:
-    """Parse ``name:1x3x224x224[:dtype]`` (the one input-shape syntax of edgekit). Without a
-    dtype the spec's dtype is "": the model's declared input type is kept (float32 for a PyTorch
-    model that declares none)."""
+    """Parse ``name:1x3x224x224[:dtype]`` (the one input-shape syntax of edgekit); a dim may
+    be a name (``ids:1xseq:int64``), symbolic, bounded with ``--dim seq=1..256``. Without a
+    dtype the spec's dtype is "": the model's declared input type is kept (float32 for a
+    PyTorch model that declares none)."""
     parts = text.split(":")
     if len(parts) not in (2, 3) or not parts[0]:
         raise EdgekitError(f"bad input spec {text!r}: expected name:1x3x224x224[:dtype]")
-    try:
-        shape = tuple(int(d) for d in parts[1].lower().split("x")) if parts[1] else ()
-    except ValueError:
-        raise EdgekitError(f"bad input spec {text!r}: dimensions must be integers") from None
-    if any(d <= 0 for d in shape):
-        raise EdgekitError(f"bad input spec {text!r}: dimensions must be positive")
+    # "x" separates dims, so a name is split on it too: 1xseq -> 1, seq; a name holding an x
+    # (max_len) cannot be written here (an ONNX file's own dim_param keeps any name)
+    shape = tuple(_parse_dim(d, text) for d in parts[1].split("x")) if parts[1] else ()
     if len(parts) == 2:
         return TensorSpec(parts[0], shape, "")
     try:
@@ -96,19 +132,22 @@ def _value_spec(value: onnx.ValueInfoProto, override: TensorSpec | None) -> Tens
     if override is not None:
         _check_fits(value, override, dtype)
         return TensorSpec(value.name, override.shape, override.dtype or dtype)
-    dims = []
+    dims: list[shapes.Dim] = []
     for d in ttype.shape.dim:
         if d.HasField("dim_value") and d.dim_value > 0:
             dims.append(d.dim_value)
+        elif d.HasField("dim_param") and d.dim_param:  # the file's own name: kept, symbolic
+            dims.append(d.dim_param)
         else:
             raise EdgekitError(
-                f"input {value.name!r} has a dynamic dimension {d.dim_param or '?'}: "
-                f"give its shape with --input {value.name}:1x...")
+                f"input {value.name!r} has a dynamic dimension with no name: give its shape "
+                f"with --input {value.name}:1x... (a name there makes it symbolic)")
     return TensorSpec(value.name, tuple(dims), dtype)
 
 
 def _check_fits(value: onnx.ValueInfoProto, override: TensorSpec, dtype: str) -> None:
-    """An ``--input`` may fix the model's dynamic dims, not contradict what it declares."""
+    """An ``--input`` may fix the model's dynamic dims (to a number or a name), not
+    contradict what it declares: a static dim stays that number."""
     given = f"--input {value.name}:{'x'.join(map(str, override.shape))}"
     if override.dtype and override.dtype != dtype:
         raise EdgekitError(f"{given}:{override.dtype}: the model declares {value.name!r} as "
@@ -124,7 +163,8 @@ def _check_fits(value: onnx.ValueInfoProto, override: TensorSpec, dtype: str) ->
 def onnx_input_specs(
     model: onnx.ModelProto, overrides: Sequence[TensorSpec] = ()
 ) -> list[TensorSpec]:
-    """Static input specs of an ONNX model (graph inputs that are not initializers)."""
+    """Input specs of an ONNX model (graph inputs that are not initializers): static dims,
+    the ``overrides``' dims, and the file's own ``dim_param`` names (symbolic) elsewhere."""
     inits = {i.name for i in model.graph.initializer}
     values = [v for v in model.graph.input if v.name not in inits]
     by_name = {o.name: o for o in overrides}
@@ -135,6 +175,53 @@ def onnx_input_specs(
     bounds = index_bounds(model)
     return [replace(_value_spec(v, by_name.get(v.name)), high=bounds.get(v.name))
             for v in values]
+
+
+DIMS_KEY = "edgekit.dims"  # ONNX metadata: the bounds of the model's symbolic input dims
+
+
+def model_dims(model: onnx.ModelProto) -> shapes.Bounds:
+    """The bounds recorded in ``model``'s metadata (``set_model_dims``), else ``{}``."""
+    import json
+
+    for prop in model.metadata_props:
+        if prop.key == DIMS_KEY:
+            try:
+                return shapes.bounds_from_json(json.loads(prop.value))
+            except json.JSONDecodeError:
+                raise EdgekitError(f"the model's {DIMS_KEY} metadata is not JSON") from None
+    return {}
+
+
+def set_model_dims(model: onnx.ModelProto, bounds: Mapping[str, tuple[int, int]]) -> None:
+    """Record the bounds of the symbolic input dims in ``model``'s metadata (none: removed),
+    so a later rewrite or compile of the file needs no ``--dim`` again."""
+    import json
+
+    props = [p for p in model.metadata_props if p.key != DIMS_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(props)
+    if bounds:
+        model.metadata_props.add(key=DIMS_KEY, value=json.dumps(
+            {k: list(v) for k, v in bounds.items()}))
+
+
+def resolve_dims(specs: Sequence[TensorSpec], recorded: Mapping[str, tuple[int, int]],
+                 given: Mapping[str, tuple[int, int]]) -> shapes.Bounds:
+    """Bounds of the symbolic names ``specs`` use: ``given`` (``--dim``) over ``recorded``
+    (the model's metadata; names no input uses any more are dropped). A name without bounds,
+    or a ``--dim`` no input uses, is a one-line error."""
+    used = shapes.symbolic_names(s.shape for s in specs)
+    merged = {**{k: v for k, v in recorded.items() if k in used}, **given}
+    unbounded = next((s for s in specs for d in s.shape
+                      if shapes.is_symbolic(d) and d not in merged), None)
+    if unbounded is not None:  # the other way out: a fixed size
+        name = next(d for d in unbounded.shape if shapes.is_symbolic(d) and d not in merged)
+        fixed = "x".join("N" if d == name else str(d) for d in unbounded.shape)
+        raise EdgekitError(f"input {unbounded.name!r} has the symbolic dim {name!r}: bound it "
+                           f"with --dim {name}=LO..HI, or fix its size with --input "
+                           f"{unbounded.name}:{fixed}")
+    return shapes.check_bounds({s.name: s.shape for s in specs}, merged)
 
 
 # Ops that pass integer indices through unchanged on their first input.
@@ -180,7 +267,11 @@ def index_bounds(model: onnx.ModelProto) -> dict[str, int]:
 
 def seeded_inputs(specs: Sequence[TensorSpec], seed: int = 0) -> dict[str, np.ndarray]:
     """Reproducible inputs: floats ~ N(0, 1); integers in [0, spec.high) for index inputs
-    with a known table size, else 0/1 (masks)."""
+    with a known table size, else 0/1 (masks). Shapes must be concrete (``seeded_at``)."""
+    symbolic = next((s for s in specs if any(map(shapes.is_symbolic, s.shape))), None)
+    if symbolic is not None:
+        raise EdgekitError(f"input {symbolic.name!r} has symbolic dims "
+                           f"({shapes.format_shape(symbolic.shape)}): pick lengths first")
     rng = np.random.default_rng(seed)
     out = {}
     for s in specs:
@@ -192,6 +283,19 @@ def seeded_inputs(specs: Sequence[TensorSpec], seed: int = 0) -> dict[str, np.nd
         else:
             out[s.name] = rng.integers(0, s.high or 2, size=s.shape).astype(dt)
     return out
+
+
+def seeded_at(specs: Sequence[TensorSpec], bounds: Mapping[str, tuple[int, int]],
+              seed: int = 0) -> list[tuple[dict[str, int], dict[str, np.ndarray]]]:
+    """Seeded inputs at every ``shapes.check_points(bounds)`` length: (lengths, inputs)
+    pairs; one pair, ``({}, inputs)``, for static specs."""
+    return [(point, seeded_inputs(shapes.concrete(specs, point), seed))
+            for point in shapes.check_points(bounds)]
+
+
+def at_length(name: str, point: Mapping[str, int]) -> str:
+    """An output's name with the lengths it was checked at: ``emb [seq=17]`` (static: name)."""
+    return f"{name} [{shapes.format_point(point)}]" if point else name
 
 
 def compare(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 
 import numpy as np
 import onnx
@@ -116,3 +117,12 @@ def test_host_runner_matches_python_runtime(compiled_default):
     assert report["threads"] == 1
     for name, got in outputs.items():
         np.testing.assert_allclose(got, want[name], rtol=1e-6, atol=1e-6)
+
+
+def test_host_runner_help_prints_usage():
+    binary, _ = toolchain.build_runner("host")
+    result = subprocess.run([str(binary), "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.startswith("usage: edgekit-runner")
+    assert "--dim N=LO..HI" in result.stdout
+    bad = subprocess.run([str(binary), "model.so", "--bogus"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("usage: edgekit-runner")

@@ -12,15 +12,36 @@ import click
 
 from edgekit import api
 
-
-def input_specs(values: tuple[str, ...]) -> list[api.TensorSpec]:
-    return [api.parse_input_spec(v) for v in values]
+_DIMS = "edgekit.dims"  # where --dim leaves its texts in the click context, for input_specs
 
 
-input_option = click.option(
+def input_specs(values: tuple[str, ...]) -> api.InputSpecs:
+    """The ``--input`` texts with the command's ``--dim`` bounds (see ``input_option``)."""
+    ctx = click.get_current_context(silent=True)
+    return api.parse_inputs(values, ctx.meta.get(_DIMS, ()) if ctx else ())
+
+
+def _keep_dims(ctx: click.Context, _param: click.Parameter, value: tuple[str, ...]) -> None:
+    ctx.meta[_DIMS] = value
+
+
+_input = click.option(
     "--input", "inputs", multiple=True, metavar="NAME:1x3x224x224[:DTYPE]",
-    help="Input name and static shape (repeatable); dtype defaults to the model's own "
+    help="Input name and shape (repeatable); a dim written as a name is symbolic "
+         "(ids:1xseq:int64), bounded with --dim. The dtype defaults to the model's own "
          "(float32 for a PyTorch model that declares none).")
+# not a parameter of the command: every command with --input takes it, and input_specs reads it
+_dim = click.option(
+    "--dim", "dims", multiple=True, metavar="NAME=LO..HI", expose_value=False,
+    callback=_keep_dims,
+    help="Bounds of a symbolic dim (repeatable), e.g. seq=1..256: one model serves every "
+         "length inside them. An ONNX file's own named dims need one too, unless edgekit "
+         "recorded them when it wrote the file.")
+
+
+def input_option(fn):
+    """``--input`` and ``--dim`` (read back by ``input_specs``)."""
+    return _input(_dim(fn))
 tolerance_options = [
     click.option("--atol", type=float, default=1e-4, show_default=True,
                  help="Absolute tolerance of the numerical check."),

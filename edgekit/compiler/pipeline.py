@@ -18,6 +18,7 @@ from edgekit.compiler.schedules import apply_default
 from edgekit.compiler.tune import TuningRequest, tune
 from edgekit.compiler.tune_check import apply_database
 from edgekit.compiler.tuning_db import db_dir, repair
+from edgekit.errors import EdgekitError
 from edgekit.targets import Target
 
 
@@ -39,6 +40,17 @@ def lower(mod, tvm_target):
         return seq(mod)
 
 
+def refuse_symbolic(mod) -> None:
+    """One-line ``EdgekitError`` when ``mod`` has symbolic input dims: MetaSchedule measures
+    candidates at one shape and its records are keyed by static kernel shapes, so a symbolic
+    kernel has no meaningful tuning (its default schedule is ``compiler.symbolic``'s)."""
+    attrs = mod["main"].attrs or {}
+    names = sorted(str(k) for k in (attrs.get("tir_var_upper_bound") or {}))
+    if names:
+        raise EdgekitError(f"tuning needs static shapes; dim {names[0]!r} is symbolic: compile "
+                           f"without --tune, or tune a copy with --input fixing {names[0]!r}")
+
+
 def kernel_count(mod) -> int:
     """TIR kernels (PrimFuncs) in a lowered module."""
     import tvm
@@ -52,6 +64,8 @@ def prepare(mod, target: Target, request: TuningRequest | None = None,
     then tuning records from the database, then default schedules for the rest.
     Returns (module ready for ``tvm.compile``, the manifest's ``tuning`` record)."""
     request = request or TuningRequest()
+    if request.tune:
+        refuse_symbolic(mod)
     tvm_target = target.tvm_target()
     db = db_dir(target, request.db)
     progress("lowering and fusing")
@@ -83,6 +97,10 @@ def tune_model(onnx_path: str | Path, target: str, inputs=(), trials: int | None
     tgt = load_target(target)
     model = intake.load_onnx(onnx_path, inputs)
     specs = verify.onnx_input_specs(model, inputs)
+    names = sorted({d for s in specs for d in s.shape if isinstance(d, str)})
+    if names:
+        raise EdgekitError(f"tuning needs static shapes; dim {names[0]!r} is symbolic: tune "
+                           f"with --input fixing it to a typical length")
     progress("importing into TVM Relax")
     mod = lower(to_relax(model, specs, progress, tgt.tvm_target()), tgt.tvm_target())
     path = db_dir(tgt, db)

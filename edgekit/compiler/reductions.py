@@ -20,9 +20,10 @@ Schedule:
 
 Numerics: max is exact under any order; sums are reassociated (``W`` strided partial sums,
 then their sum), so float results differ from the serial loop by rounding only (relative
-~K·eps at worst, ~sqrt(K)·eps typically). Preconditions: static extents, ``K`` a multiple of
+~K·eps at worst, ~sqrt(K)·eps typically). Preconditions: a static ``K``, a multiple of
 the vector width and longer than one vector; otherwise the rule declines and the per-block
-rule of ``schedules`` applies.
+rule of ``schedules`` applies. The row extents may be symbolic (``seq`` rows of a
+variable-length model, ``compiler.symbolic``): the fused row loop then has a symbolic extent.
 """
 
 from __future__ import annotations
@@ -33,33 +34,34 @@ from typing import Any
 from edgekit.compiler import tiling
 
 
-def _extents(info) -> list[int] | None:
-    out = []
+def _extents(info) -> list[int | str]:
+    """The block's extents: ints, a symbolic one as its printed expression (``seq``: rows of
+    a variable-length kernel; equal expressions compare equal)."""
+    out: list[int | str] = []
     for d in info.dom():
         value = getattr(d, "value", d)
-        if not isinstance(value, int):
-            return None
-        out.append(int(value))
+        out.append(int(value) if isinstance(value, int) else str(d))
     return out
 
 
-def is_row_reduction(sch, infos) -> bool:
+def is_row_reduction(sch, infos, static_k: bool = True) -> bool:
     """Whether the blocks form a row-reduction kernel (module docstring): one output block
     ``S^(n+1)``, at least one ``S^n R`` reduction over the output's rows and last extent whose
-    reduced axis is contiguous in its reads, every other block spatial over the same rows."""
+    reduced axis is contiguous in its reads, every other block spatial over the same rows.
+    ``static_k=False`` also accepts a symbolic row length (``compiler.symbolic``)."""
     if len(infos) < 2:
         return False
     out = infos[-1]
     if sch.get_consumers(out.block_rv) or out.dom_kind() != "S" * len(out.dom_kind()):
         return False
     shape = _extents(out)
-    if shape is None or len(shape) < 2:
+    if len(shape) < 2 or (static_k and not isinstance(shape[-1], int)):
         return False
     n = len(shape) - 1
     reductions = 0
     for info in infos[:-1]:
         kinds, ext = info.dom_kind(), _extents(info)
-        if ext is None or not sch.get_consumers(info.block_rv):
+        if not sch.get_consumers(info.block_rv):
             return False  # a second output: not one row kernel
         if kinds == "S" * n + "R" and ext == shape:
             if not tiling.contiguous_in_a_read(sch, info.block_rv, n):
@@ -79,12 +81,12 @@ def _vectorize_last(sch, block, lanes: int, extent: int) -> None:
 
 def schedule_rows(sch, infos, parallel: bool, lanes: int) -> bool:
     """Schedule a row-reduction kernel in place (module docstring); False when it does not fit
-    (``K`` not a multiple of ``lanes``, or one vector). ``lanes``: fp32 lanes of one vector
-    register of the target."""
+    (``K`` symbolic, not a multiple of ``lanes``, or one vector). ``lanes``: fp32 lanes of one
+    vector register of the target."""
     if not is_row_reduction(sch, infos):
         return False
     shape = _extents(infos[-1])
-    n, k = len(shape) - 1, shape[-1]
+    n, k = len(shape) - 1, int(shape[-1])
     # W partial results: two vectors of accumulators where K allows, else one
     partials = next((w for w in (2 * lanes, lanes) if k % w == 0 and k > w), None)
     if partials is None:

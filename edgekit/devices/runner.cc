@@ -6,10 +6,17 @@
 // libtvm_runtime (whose loaders read the Relax executable) and libtvm_ffi.
 //
 //   edgekit-runner MODEL.so [--warmup N] [--repeat N] [--duration S] [--threads N]
-//                  [--out DIR] IN0.npy [IN1.npy ...]
+//                  [--out DIR] [--shape I=1xseq ...] [--dim seq=LO..HI ...]
+//                  IN0.npy [IN1.npy ...]
 //
-// Inputs are given in the model's input order. With --out, output i is written to
-// DIR/output_i.npy; without it the output values are printed in the JSON.
+// Inputs are given in the model's input order; each .npy header gives its shape, so the
+// files define a symbolic model's length. --shape declares input I's shape from the
+// manifest (numbers and dim names) and --dim bounds a name: before anything runs, every
+// declared input's rank, fixed dims and lengths are checked and inputs sharing a name must
+// share its length (the Relax VM checks ranks and fixed dims, not the bounds, and its memory
+// is planned for the upper bounds). edgekit's runner.py passes both from the manifest.
+// With --out, output i is written to DIR/output_i.npy; without it the output values are
+// printed in the JSON.
 // Statistics follow edgekit.profile.stats (numpy's linear percentiles, std with ddof=1).
 #include <dlpack/dlpack.h>
 #include <tvm/ffi/any.h>
@@ -20,6 +27,7 @@
 #include <tvm/ffi/function.h>
 
 #include <algorithm>
+#include <cctype>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -28,6 +36,7 @@
 #include <fstream>
 #include <iomanip>
 #include <iostream>
+#include <map>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -126,6 +135,75 @@ ffi::Tensor ReadNpy(const std::string& path) {
   return x;
 }
 
+struct Bounds {
+  int64_t lo, hi;
+};
+
+// "1xseq" -> {"1", "seq"}; "seq=1..256" -> ("seq", {1, 256}).
+std::vector<std::string> SplitDims(const std::string& text) {
+  std::vector<std::string> out;
+  for (size_t i = 0; i <= text.size();) {
+    size_t j = text.find('x', i);
+    if (j == std::string::npos) j = text.size();
+    out.push_back(text.substr(i, j - i));
+    i = j + 1;
+  }
+  return out;
+}
+
+std::pair<std::string, Bounds> ParseDim(const std::string& text) {
+  size_t eq = text.find('='), dots = text.find("..");
+  if (eq == std::string::npos || dots == std::string::npos || dots < eq) {
+    throw std::invalid_argument("--dim " + text);
+  }
+  Bounds b{std::stoll(text.substr(eq + 1, dots - eq - 1)), std::stoll(text.substr(dots + 2))};
+  if (b.lo < 1 || b.lo > b.hi) throw std::invalid_argument("--dim " + text);
+  return {text.substr(0, eq), b};
+}
+
+// Each declared input's shape against its array: rank, fixed dims, a name's bounds and one
+// length per name (the messages of edgekit.shapes.bind, inputs by position).
+void CheckShapes(const std::vector<ffi::Tensor>& inputs,
+                 const std::map<size_t, std::vector<std::string>>& declared,
+                 const std::map<std::string, Bounds>& bounds) {
+  std::map<std::string, int64_t> values;
+  for (const auto& [index, dims] : declared) {
+    std::string where = "input " + std::to_string(index);
+    if (index >= inputs.size()) throw std::runtime_error("--shape for missing " + where);
+    const ffi::Tensor& t = inputs[index];
+    if (t.ndim() != static_cast<int>(dims.size())) {
+      throw std::runtime_error(where + " has rank " + std::to_string(t.ndim()) +
+                               ", the model expects rank " + std::to_string(dims.size()));
+    }
+    for (size_t axis = 0; axis < dims.size(); ++axis) {
+      const std::string& want = dims[axis];
+      int64_t have = t.shape()[axis];
+      std::string at = " (axis " + std::to_string(axis) + ")";
+      if (!want.empty() && std::isdigit(static_cast<unsigned char>(want[0]))) {
+        if (std::stoll(want) != have) {
+          throw std::runtime_error(where + " is " + std::to_string(have) + " long" + at +
+                                   ", the model expects " + want);
+        }
+        continue;
+      }
+      auto b = bounds.find(want);
+      if (b == bounds.end()) throw std::runtime_error("dim '" + want + "' has no --dim bounds");
+      if (have < b->second.lo || have > b->second.hi) {
+        throw std::runtime_error(where + ": dim '" + want + "'" + at + " is " +
+                                 std::to_string(have) + ", outside its bounds " +
+                                 std::to_string(b->second.lo) + ".." +
+                                 std::to_string(b->second.hi));
+      }
+      auto [seen, fresh] = values.emplace(want, have);
+      if (!fresh && seen->second != have) {
+        throw std::runtime_error("dim '" + want + "' is " + std::to_string(seen->second) +
+                                 " in one input and " + std::to_string(have) + " in " + where +
+                                 ": inputs that share a dim name share its length");
+      }
+    }
+  }
+}
+
 std::string ShapeJson(const ffi::Tensor& t) {
   std::ostringstream os;
   os << "[";
@@ -221,9 +299,22 @@ double Ms(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration<double, std::milli>(b - a).count();
 }
 
+const char kUsage[] =
+    "usage: edgekit-runner MODEL.so [--warmup N] [--repeat N] [--duration S] [--threads N]\n"
+    "                      [--out DIR] [--shape I=1xseq ...] [--dim seq=LO..HI ...]\n"
+    "                      IN0.npy [IN1.npy ...]\n"
+    "Load an edgekit artifact's model.so, run it on the .npy inputs (in the model's input\n"
+    "order) and print the outputs and latency statistics (ms) as one JSON object.\n"
+    "  --warmup N      untimed runs first (default 10)\n"
+    "  --repeat N      timed runs (default 100)\n"
+    "  --duration S    time runs for S seconds instead of --repeat\n"
+    "  --threads N     runtime worker threads (TVM_NUM_THREADS)\n"
+    "  --out DIR       write output i to DIR/output_i.npy instead of printing values\n"
+    "  --shape I=DIMS  input I's declared shape, names for symbolic dims (1xseq)\n"
+    "  --dim N=LO..HI  bounds of symbolic dim N: inputs outside them are refused\n";
+
 int Usage() {
-  std::cerr << "usage: edgekit-runner MODEL.so [--warmup N] [--repeat N] [--duration S] "
-               "[--threads N] [--out DIR] IN0.npy [IN1.npy ...]\n";
+  std::cerr << kUsage;
   return 2;
 }
 
@@ -231,10 +322,16 @@ int Usage() {
 
 int main(int argc, char** argv) {
   if (argc < 2) return Usage();
+  if (std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h") {
+    std::cout << kUsage;
+    return 0;
+  }
   std::string model = argv[1], out_dir;
   long warmup = 10, repeat = 100;
   double duration = 0;
   std::vector<std::string> input_paths;
+  std::map<size_t, std::vector<std::string>> declared;  // --shape: input index -> dims
+  std::map<std::string, Bounds> bounds;                  // --dim
   try {
     for (int i = 2; i < argc; ++i) {
       std::string a = argv[i];
@@ -244,6 +341,12 @@ int main(int argc, char** argv) {
       else if (a == "--duration" && has_value) duration = std::stod(argv[++i]);
       else if (a == "--threads" && has_value) setenv("TVM_NUM_THREADS", argv[++i], 1);
       else if (a == "--out" && has_value) out_dir = argv[++i];
+      else if (a == "--shape" && has_value) {
+        std::string spec = argv[++i];
+        size_t eq = spec.find('=');
+        if (eq == std::string::npos) return Usage();
+        declared[std::stoul(spec.substr(0, eq))] = SplitDims(spec.substr(eq + 1));
+      } else if (a == "--dim" && has_value) bounds.insert(ParseDim(argv[++i]));
       else if (a.rfind("--", 0) == 0) return Usage();
       else input_paths.push_back(a);
     }
@@ -252,8 +355,10 @@ int main(int argc, char** argv) {
   }
   if (warmup < 0 || repeat < 1 || duration < 0) return Usage();
   try {
-    std::vector<ffi::Any> args;
-    for (const std::string& p : input_paths) args.emplace_back(ReadNpy(p));
+    std::vector<ffi::Tensor> tensors;
+    for (const std::string& p : input_paths) tensors.push_back(ReadNpy(p));
+    CheckShapes(tensors, declared, bounds);
+    std::vector<ffi::Any> args(tensors.begin(), tensors.end());
 
     auto t0 = Clock::now();
     ffi::Module lib = ffi::Module::LoadFromFile(model);

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from edgekit import runtime
+from edgekit import runtime, shapes
 from edgekit.devices import toolchain
 from edgekit.errors import EdgekitError
 from edgekit.hashed_library import library_file
@@ -73,9 +73,20 @@ def invoke(artifact: str | Path, inputs: Mapping[str, np.ndarray], runner: str =
             cmd += ["--duration", str(duration)]
         if threads:
             cmd += ["--threads", str(threads)]
+        # the .npy headers give the runner each input's shape (a symbolic artifact's length):
+        # checked here against the manifest's shapes and dims bounds before it starts
+        dims = shapes.bounds_from_json(manifest.get("dims") or {})
+        if dims:
+            shapes.bind({s["name"]: s["shape"] for s in specs},
+                        {s["name"]: np.shape(inputs[s["name"]]) for s in specs}, dims)
+            # and the runner checks them again itself (it may be run without this module)
+            cmd += [a for i, s in enumerate(specs) if any(map(shapes.is_symbolic, s["shape"]))
+                    for a in ("--shape", f"{i}={shapes.format_shape(s['shape'])}")]
+            cmd += [a for k, (lo, hi) in dims.items() for a in ("--dim", f"{k}={lo}..{hi}")]
         for i, spec in enumerate(specs):
             a = np.ascontiguousarray(inputs[spec["name"]])
-            if tuple(a.shape) != tuple(spec["shape"]) or a.dtype != np.dtype(spec["dtype"]):
+            if (not dims and tuple(a.shape) != tuple(spec["shape"])) or a.dtype != np.dtype(
+                    spec["dtype"]):
                 raise EdgekitError(f"input {spec['name']!r}: expected {spec['dtype']} "
                                    f"{tuple(spec['shape'])}, got {a.dtype} {tuple(a.shape)}")
             np.save(Path(tmp) / f"input_{i}.npy", a)
@@ -109,10 +120,14 @@ def profile(artifact: str | Path, runner: str = "qemu", warmup: int = 10, repeat
         raise EdgekitError(str(exc)) from None
     arch = _arch_for(manifest, runner)
     specs = [TensorSpec.from_dict(i) for i in manifest["inputs"]]
-    _, report = invoke(artifact, seeded_inputs(specs, seed), runner, warmup, repeat, duration,
-                       threads)
+    upper = {k: hi for k, (lo, hi) in shapes.bounds_from_json(manifest.get("dims") or {}
+                                                              ).items()}
+    _, report = invoke(artifact, seeded_inputs(shapes.concrete(specs, upper), seed), runner,
+                       warmup, repeat, duration, threads)
     how = f"qemu-user emulation of {arch}" if runner == "qemu" else "native"
     notes = [f"run by edgekit-runner ({how})"]
+    if upper:
+        notes.append(f"timed at the upper bounds ({shapes.format_point(upper)})")
     if runner == "qemu":
         notes.append("latencies are emulation times on this machine, not device times")
     result = {

@@ -30,6 +30,14 @@ data, and a pass fitted to real ranges (int8 saturates outside them by design) w
 on noise. The finite-output check still runs on every sample. A pass may take its budget from
 one of its parameters (``budget_param``), so a user can loosen or tighten it per run.
 
+Symbolic dims (``edgekit.shapes``): the seeded samples cover every ``shapes.check_points``
+length of the model's bounds (``verify.model_dims``), so a rewrite is checked at the low end,
+the high end and an odd length in between; the user's samples may have any lengths inside the
+bounds (``calibration`` as a sequence of per-sample mappings, or an ``.npz`` with keys
+``NAME/0``, ``NAME/1``, ...), each bound against the model's inputs first (``shapes.bind``:
+one-line errors naming the dim and its bounds). A pass that needs a static dim raises
+``PassRefused`` saying so (token-prune: a static token count).
+
 A graph that quantizes activations (QuantizeLinear) is run without onnxruntime's QDQ fusions
 (``verify.ort_session(qdq_fusions=False)``): its integer kernels saturate int16 pair sums on
 x86 without AVX-512 VNNI, so with them the check would judge onnxruntime's kernels on this
@@ -57,16 +65,20 @@ from onnx_ir.passes.common import (
     TopologicalSortPass,
 )
 
-from edgekit import flops
+from edgekit import flops, shapes
 from edgekit.errors import EdgekitError, first_line
+from edgekit.passes._half import ort_form
 from edgekit.verify import (
     TensorSpec,
     compare,
+    dims_of,
+    model_dims,
     onnx_input_specs,
     ort_session,
     quantizes,
+    resolve_dims,
     run_ort,
-    seeded_inputs,
+    seeded_at,
 )
 
 EXACT_RTOL = 1e-5
@@ -268,36 +280,70 @@ def parse_pass_list(text: str, available: Mapping[str, Pass]) -> list[tuple[Pass
 def load_samples(
     model: onnx.ModelProto,
     input_specs: Sequence[TensorSpec] = (),
-    calibration: Mapping[str, np.ndarray] | None = None,
+    calibration: Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]] | None = None,
     seeds: int = 2,
 ) -> list[dict[str, np.ndarray]]:
-    """Seeded samples plus calibration samples (arrays with an optional leading sample axis)."""
+    """Seeded samples (``seeds`` per check point of the model's symbolic dims) plus
+    calibration samples: arrays with an optional leading sample axis, or a sequence of
+    per-sample mappings (samples of different lengths)."""
     specs = onnx_input_specs(model, input_specs)
-    samples: list[dict[str, np.ndarray]] = [SeededSample(seeded_inputs(specs, seed))
-                                            for seed in range(seeds)]
-    if calibration:
-        missing = [s.name for s in specs if s.name not in calibration]
+    bounds = resolve_dims(specs, model_dims(model), dims_of(input_specs))
+    samples: list[dict[str, np.ndarray]] = [SeededSample(inputs) for seed in range(seeds)
+                                            for _, inputs in seeded_at(specs, bounds, seed)]
+    if not calibration:
+        return samples
+    per_sample = (_split_samples(specs, calibration) if isinstance(calibration, Mapping)
+                  else [dict(c) for c in calibration])
+    declared = {s.name: s.shape for s in specs}
+    for i, sample in enumerate(per_sample):
+        missing = [s.name for s in specs if s.name not in sample]
         if missing:
-            raise EdgekitError(f"calibration data has no array for input {missing[0]!r}")
-        counts = set()
-        for s in specs:
-            arr = calibration[s.name]
-            if arr.ndim == len(s.shape) + 1:
-                counts.add(arr.shape[0])
-            elif arr.ndim != len(s.shape):
-                raise EdgekitError(
-                    f"calibration array {s.name!r} has shape {arr.shape}; expected {s.shape} "
-                    "or (samples, *shape)")
-        n = counts.pop() if len(counts) == 1 else 1
-        if counts:
-            raise EdgekitError("calibration arrays disagree on the number of samples")
-        for i in range(n):
-            sample = {}
-            for s in specs:
-                arr = np.asarray(calibration[s.name])
-                sample[s.name] = (arr[i] if arr.ndim == len(s.shape) + 1 else arr).astype(s.dtype)
-            samples.append(sample)
+            raise EdgekitError(f"calibration data has no array for input {missing[0]!r}"
+                               + (f" (sample {i})" if not isinstance(calibration, Mapping)
+                                  else ""))
+        try:
+            shapes.bind(declared, {k: np.shape(sample[k]) for k in declared}, bounds)
+        except EdgekitError as exc:
+            raise EdgekitError(f"calibration sample {i}: {exc}") from None
+        samples.append({s.name: np.asarray(sample[s.name]).astype(s.dtype) for s in specs})
     return samples
+
+
+def _split_samples(specs: Sequence[TensorSpec], calibration: Mapping[str, np.ndarray]
+                   ) -> list[dict[str, np.ndarray]]:
+    """Arrays with an optional leading sample axis -> one mapping per sample; or keys
+    ``NAME/I`` (sample I's array for input NAME, as an ``.npz`` of samples of different
+    lengths holds them) -> sample I."""
+    names = {s.name for s in specs}
+    keyed = [k.rpartition("/") for k in calibration]
+    if calibration and all(sep and name in names and i.isdigit() for name, sep, i in keyed):
+        samples: dict[int, dict[str, np.ndarray]] = {}
+        for (name, _, i), arr in zip(keyed, calibration.values(), strict=True):
+            samples.setdefault(int(i), {})[name] = arr
+        return [samples[i] for i in sorted(samples)]
+    missing = [s.name for s in specs if s.name not in calibration]
+    if missing:
+        raise EdgekitError(f"calibration data has no array for input {missing[0]!r}")
+    counts = set()
+    for s in specs:
+        arr = calibration[s.name]
+        if arr.ndim == len(s.shape) + 1:
+            counts.add(arr.shape[0])
+        elif arr.ndim != len(s.shape):
+            raise EdgekitError(
+                f"calibration array {s.name!r} has shape {arr.shape}; expected "
+                f"{shapes.format_shape(s.shape)} or (samples, *shape)")
+    n = counts.pop() if len(counts) == 1 else 1
+    if counts:
+        raise EdgekitError("calibration arrays disagree on the number of samples")
+    out = []
+    for i in range(n):
+        sample = {}
+        for s in specs:
+            arr = np.asarray(calibration[s.name])
+            sample[s.name] = arr[i] if arr.ndim == len(s.shape) + 1 else arr
+        out.append(sample)
+    return out
 
 
 def _check(
@@ -311,7 +357,8 @@ def _check(
     worst_abs = worst_rel = 0.0
     # a graph that quantizes is judged on its QDQ math: onnxruntime's fused integer kernels
     # saturate on x86 without VNNI, and the check would judge that bug, not the rewrite
-    ref_session, new_session = (ort_session(m, qdq_fusions=not quantizes(m))
+    # bfloat16 as onnxruntime's CPU provider can run it: emulated in fp32 (_half.ort_form)
+    ref_session, new_session = (ort_session(ort_form(m), qdq_fusions=not quantizes(m))
                                 for m in (before, after))
     for i, sample in enumerate(samples):
         ref = run_ort(ref_session, sample)

@@ -13,8 +13,10 @@ Everything downstream of the cut is re-shaped by following the token axis throug
 Reshape / Expand / Slice constants that spell N are rewritten to k, and a tensor that meets a
 pruned one with N on the same axis (BERT's additive padding mask, a pooling mask) is gathered
 with the same indices, so padding stays masked. Padding tokens receive no attention, hence zero
-importance, and are pruned first. Ops that cannot follow a changing token count (Shape, Split,
-Concat along tokens, graph outputs carrying tokens...) refuse, naming the node. A Softmax that
+importance, and are pruned first. A symbolic token count (``edgekit.shapes``: attention
+over ``seq`` tokens) is refused with "needs a static token count": the keep counts are
+static TopK sizes. Ops that cannot follow a changing token count (Shape, Split, Concat along
+tokens, graph outputs carrying tokens...) refuse, naming the node. A Softmax that
 is not (B, H, N, N) attention, and a layer whose ``keep`` keeps every token, are skipped with
 the reason; a layer whose keys cannot be traced back to Q·Kᵀ compares tokens by the residual
 stream in the S-stage, and its entry in the details says why (``keys_from_stream``).
@@ -116,6 +118,32 @@ def _keys(softmax: ir.Node) -> Keys | str:
     return "no Q·Kᵀ MatMul within 8 nodes before the Softmax"
 
 
+def _symbolic_tokens(graph: ir.Graph, inputs_too: bool) -> str:
+    """Why the token count is symbolic (keep counts are static: k of N needs N), or "". Only
+    a model with a named symbolic input dim has one: then an attention Softmax (rank 4) over
+    a length that is not a number, or (``inputs_too``: no static attention was found) that
+    input. In a model with static inputs an unknown length is a shape inference could not
+    see (Shape chains), which fold-constants may fix."""
+    symbolic = [(v.name, _dim_name(d)) for v in graph.inputs for d in (v.shape or ())
+                if _dim_name(d)]
+    if not symbolic:
+        return ""
+    for node in graph:
+        shape = node.outputs[0].shape if node.op_type == "Softmax" else None
+        if shape is not None and len(shape) == 4 and not isinstance(shape[-1], int):
+            return (f"attention {node.name} is over a symbolic number of tokens "
+                    f"({_dim_name(shape[-1]) or '?'}); give a fixed length "
+                    "(--input NAME:1x128)")
+    name, dim = symbolic[0]
+    return (f"input {name!r} has the symbolic dim {dim!r}; give a fixed length "
+            f"(--input {name}:1x128)") if inputs_too else ""
+
+
+def _dim_name(dim) -> str:
+    """A symbolic dim's name ("" for a number or an unnamed unknown dim)."""
+    return "" if isinstance(dim, int) else str(getattr(dim, "value", None) or "")
+
+
 def prune(model: ir.Model, layers: list[int] | None, keep: float, s_ratio: float, cls: int,
           iters: int, vmin: float, vmax: float, importance: str, seed: int, eir: bool = True,
           report: PassReport | None = None) -> list[dict]:
@@ -123,8 +151,14 @@ def prune(model: ir.Model, layers: list[int] | None, keep: float, s_ratio: float
     the Softmax nodes and layers left alone, with the reason."""
     infer_shapes(model)
     graph = model.graph
+    symbolic = _symbolic_tokens(graph, inputs_too=False)
+    if symbolic:
+        raise PassRefused(f"needs a static token count: {symbolic}")
     softmaxes = _attention_softmaxes(graph, report)
     if not softmaxes:
+        symbolic = _symbolic_tokens(graph, inputs_too=True)
+        if symbolic:
+            raise PassRefused(f"needs a static token count: {symbolic}")
         unknown = sum(n.op_type == "Softmax" and static_shape(n.outputs[0]) is None
                       for n in graph)
         hint = (f": {unknown} Softmax output(s) have no static shape (Shape/Gather chains from "
