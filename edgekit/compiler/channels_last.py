@@ -17,7 +17,8 @@ class ChannelsLast:
     output axis of a conv is the output width (7, 14, 56 pixels), short and rarely a multiple
     of the vector width, so default schedules vectorize badly; in NHWC it is the output
     channel, contiguous in output and weights, and a conv becomes a matmul-like kernel
-    (``edgekit.compiler.tiling``). Only the summation order inside each conv changes (channels
+    (``conv_layout`` packs the weights of plain convs for it, the rest get
+    ``edgekit.compiler.tiling``). Only the summation order inside each conv changes (channels
     innermost). What this pass adds to ``ConvertLayout``: inference ops are decomposed first
     (BatchNorm becomes elementwise ops, which follow any layout; lowering decomposes them
     anyway), and where ``ConvertLayout`` raises on an op it cannot follow, the module stays

@@ -32,9 +32,19 @@ sums (rounding differences only; max is exact).
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any
 
-from edgekit.compiler import int8_schedule, reductions, tiling
+from edgekit.compiler import (
+    conv_schedule,
+    gemv,
+    half,
+    int8_schedule,
+    machine,
+    reductions,
+    symbolic,
+    tiling,
+)
 
 # The PrimFunc attribute that marks a kernel as scheduled (by a tuning record or by this rule):
 # later steps leave such kernels alone.
@@ -81,8 +91,9 @@ def _inline_epilogues(sch, infos) -> None:
             continue
 
 
-def _tile(sch, info, cores: int) -> bool:
-    """Matmul / NHWC conv (a reduction with a wide innermost output axis): register tiles."""
+def _tile(sch, info, cores: int, cpu=None) -> bool:
+    """Matmul / NHWC conv (a reduction with a wide innermost output axis): register tiles;
+    a matmul, with ``cpu`` (``machine.Machine``), tiles and cache blocks sized for it."""
     kinds = info.dom_kind()
     extents = [_const(d) for d in info.dom()]
     if len(sch.get_loops(info.block_rv)) != len(kinds) or any(e is None for e in extents):
@@ -90,8 +101,11 @@ def _tile(sch, info, cores: int) -> bool:
     work = 1
     for e in extents:
         work *= e
-    return tiling.tile_reduction(sch, info.block_rv, kinds, extents,
-                                  cores > 1 and work >= _MIN_PARALLEL_WORK)
+    parallel = cores > 1 and work >= _MIN_PARALLEL_WORK
+    if cpu is not None and tiling.tile_matmul(sch, info.block_rv, kinds, extents, cpu, cores,
+                                              parallel):
+        return True
+    return tiling.tile_reduction(sch, info.block_rv, kinds, extents, parallel)
 
 
 def _schedule_block(sch, info, cores: int) -> bool:
@@ -169,9 +183,10 @@ def _row_kernel(sch, infos, cores: int, lanes: int) -> bool:
                                     lanes)
 
 
-def schedule_func(func, cores: int, lanes: int = 4):
+def schedule_func(func, cores: int, lanes: int = 4, cpu=None):
     """A scheduled copy of one PrimFunc, or None when the rule does not apply. ``lanes``: fp32
-    lanes of one vector register of the target (row reductions only)."""
+    lanes of one vector register of the target (row reductions only); ``cpu``: the target's
+    ``machine.Machine`` (matmul tiles and cache blocks; without it, fixed tiles)."""
     from tvm import s_tir
     from tvm.s_tir.dlight.analysis import normalize_prim_func
 
@@ -183,6 +198,8 @@ def schedule_func(func, cores: int, lanes: int = 4):
     infos = normalize_prim_func(sch)
     if not infos:
         return None
+    if symbolic.has_symbolic_extent(infos):  # variable-length kernels: their own rules
+        return symbolic.schedule(sch, infos, cores, lanes, cpu)
     snapshot = sch.copy()
     try:
         if _row_kernel(sch, infos, cores, lanes):
@@ -193,7 +210,7 @@ def schedule_func(func, cores: int, lanes: int = 4):
     infos = normalize_prim_func(sch)
     done = 0
     for info in infos:
-        for rule in (_tile, _schedule_block):
+        for rule in (functools.partial(_tile, cpu=cpu), _schedule_block):
             snapshot = sch.copy()
             try:
                 if rule(sch, info, cores):
@@ -223,6 +240,7 @@ def apply_default(mod, tvm_target) -> tuple[Any, int]:
     # Unknown core count (no "num-cores" in the target): assume several, as TVM's runtime does.
     cores = int(tvm_target.attrs.get("num-cores", 0) or 0) or 2
     lanes = reductions.vector_lanes(tvm_target)
+    cpu = machine.describe(tvm_target)
     out = mod.clone()
     count = 0
     for gv, func in mod.functions.items():
@@ -233,7 +251,11 @@ def apply_default(mod, tvm_target) -> tuple[Any, int]:
         # Int8Kernels' packed int8 GEMMs get their own schedule (int8_schedule), the rest this
         # rule; an int8 kernel that schedule does not fit falls back to this rule
         new = int8_schedule.schedule(func, tvm_target, cores)
-        new = schedule_func(func, cores, lanes) if new is None else new
+        new = conv_schedule.schedule(func, tvm_target, cores) if new is None else new
+        new = gemv.schedule(func, cpu, cores) if new is None else new
+        # 16-bit float kernels: twice the lanes per register (compiler/half.py)
+        new = (schedule_func(func, cores, half.vector_lanes(func, lanes), cpu) if new is None
+               else new)
         if new is None:
             continue
         for key, value in (func.attrs or {}).items():

@@ -22,8 +22,15 @@ Schedule (the classic CPU GEMM micro-kernel, without packing):
   write-back of the tile, while it is in cache;
 - the outer tile loops are fused and run in parallel when the kernel is large enough.
 
+Matmuls (one reduction axis, ``B[.., k, j]``) go through ``tile_matmul`` instead when the
+caller passes the target's ``machine.Machine``: the register tile comes from
+``cache_blocking.register_tile`` (registers and vector width of the target, not the fixed
+4 rows x 3 vectors of 16 lanes above), and a matmul whose weights overflow half of L2 gets
+``tile_blocked`` (blocks over K and N, a packed weight panel kept in L2, padded tails).
+
 Only loop order and tiling change: every output element sums its terms in the same order
-as the unscheduled kernel (the reduction loops keep their order and are not split).
+as the unscheduled kernel (the reduction loops keep their order; a split of ``k`` into blocks
+keeps the partial sum in the accumulator buffer between blocks).
 """
 
 from __future__ import annotations
@@ -97,14 +104,17 @@ def tile_reduction(sch, block, kinds: str, extents: list[int], parallel: bool) -
     sch.split(sch.get_loops(block)[spatial[-1]], [n // group, group])
     kinds = kinds[:spatial[-1]] + "S" + kinds[spatial[-1]:]
     extents = [*extents[:spatial[-1]], n // group, group, *extents[spatial[-1] + 1:]]
-    return _tile(sch, block, kinds, extents, parallel, lanes)
+    return _tile(sch, block, kinds, extents, parallel, lanes, grouped=True)
 
 
-def _tile(sch, block, kinds: str, extents: list[int], parallel: bool, lanes: int) -> bool:
+def _tile(sch, block, kinds: str, extents: list[int], parallel: bool, lanes: int,
+          rows: int | None = None, vectors: int | None = None, grouped: bool = False) -> bool:
+    """The register tile (module docstring); ``rows`` x ``vectors`` from ``cache_blocking``
+    where given, else the fixed choice (``_rows``, ``_vectors``)."""
     spatial = [i for i, k in enumerate(kinds) if k == "S"]
     reduce = [i for i, k in enumerate(kinds) if k == "R"]
     n = extents[spatial[-1]]
-    vectors = _vectors(n, lanes)
+    vectors = vectors or _vectors(n, lanes)
     width = vectors * lanes
     loops = sch.get_loops(block)
     # j outermost first, so that a partition of j leaves the other loops inside each part.
@@ -113,7 +123,7 @@ def _tile(sch, block, kinds: str, extents: list[int], parallel: bool, lanes: int
     main = n // width * width
     if (n - main) * 8 > n:  # a wide scalar tail (a 27-pixel NCHW row): not worth it
         return False
-    if main != n and lanes != LANES:  # a grouped conv's partition is not affine
+    if main != n and grouped:  # a grouped conv's partition is not affine
         return False
     if main != n:
         j_main, j_tail = sch.loop_partition(sch.get_loops(block)[0], [main, None])
@@ -128,7 +138,7 @@ def _tile(sch, block, kinds: str, extents: list[int], parallel: bool, lanes: int
     jo, jv2, jv = sch.split(j, [None, vectors, lanes])
     outer, inner = [jo, *others], []
     if rows_axis is not None:
-        io, ii = sch.split(others[-1], [None, _rows(extents[rows_axis])])
+        io, ii = sch.split(others[-1], [None, rows or _rows(extents[rows_axis])])
         outer, inner = [jo, *others[:-1], io], [ii]
     sch.reorder(*outer, *red, *inner, jv2, jv)
     fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
@@ -159,3 +169,115 @@ def inline_consumers(sch, write: Any) -> None:
             sch.reverse_compute_inline(consumers[0])
         except Exception:  # noqa: BLE001 - not elementwise on the tile: it stays separate
             return
+
+
+def _matmul_operands(sch, block, kinds: str) -> tuple[int, int] | None:
+    """(index of ``A`` among the reads, of ``B``) for a matmul block ``C[.., i, j] +=
+    A[.., i, k] * B[.., k, j]`` (one reduction axis ``k``, innermost; ``B`` indexed last by
+    ``j`` then ``k``, ``A`` last by ``k``); None for any other block."""
+    import re
+
+    if not kinds.endswith("SSR") or kinds.count("R") != 1:
+        return None
+    stmt = sch.get(block)
+    names = [v.var.name for v in stmt.iter_vars]
+    i, j, k = (re.compile(rf"\b{n}\b") for n in names[-3:])
+    a = b = None
+    for index, region in enumerate(stmt.reads):
+        mins = [str(rng.min) for rng in region.region]
+        if len(mins) < 2 or region.source.same_as(stmt.writes[0].source):
+            continue
+        if j.fullmatch(mins[-1]) and k.fullmatch(mins[-2]) and b is None:
+            b = index
+        elif k.fullmatch(mins[-1]) and i.fullmatch(mins[-2]) and a is None:
+            a = index
+    return (a, b) if a is not None and b is not None else None
+
+
+def tile_matmul(sch, block, kinds: str, extents: list[int], cpu, cores: int,
+                parallel: bool) -> bool:
+    """A matmul block (``_matmul_operands``) with static extents, tiled for ``cpu`` (a
+    ``machine.Machine``) by ``cache_blocking.matmul_tiles``: cache-blocked when its weights
+    overflow L2, else the register tile alone. False (nothing changed) for other blocks."""
+    from edgekit.compiler.cache_blocking import matmul_tiles
+
+    if _matmul_operands(sch, block, kinds) is None or extents[-2] < cpu.lanes:
+        return False
+    n, lanes = extents[-2], cpu.lanes
+    tiles = matmul_tiles(extents[-3], extents[-1], n, cpu, cores)
+    if tiles.blocked:
+        return tile_blocked(sch, block, kinds, extents, tiles, parallel)
+    # one panel: the register tile with the shortest scalar tail (no padding, no copies)
+    vectors = min((v for v in range(tiles.vectors, 0, -1) if v * lanes <= n),
+                  key=lambda v: (n % (v * lanes), -v))
+    if n % (vectors * lanes) * 8 > n:
+        return False
+    return _tile(sch, block, kinds, extents, parallel, lanes, tiles.rows, vectors)
+
+
+def tile_blocked(sch, block, kinds: str, extents: list[int], tiles, parallel: bool) -> bool:
+    """Cache-blocked matmul (``cache_blocking`` has the model and the sizes ``tiles``):
+
+    loops ``[batch.., jc, ic] | kc | ir | jr | k | ii, jv2, jv`` with ``jc`` a weight panel of
+    ``panel_tiles`` register tiles, ``ic`` a row block of ``row_tiles``, ``kc`` a reduction
+    block of ``k_block``. The ``B`` block ``kc x nc`` is copied per ``(jc, kc)`` into a
+    contiguous buffer laid out ``[jr, k, nr]`` (each register tile's weights one sequential
+    stream, no cache-set conflicts from ``B``'s row stride), which stays in L2 while the row
+    tiles pass. The accumulators of the ``ic x jc`` block live in a stack buffer across the
+    ``kc`` blocks (the register tile's are loop-invariant in ``k``: registers) and are written
+    back once, with the elementwise epilogue. ``M`` and ``N`` not multiples of the register
+    tile are padded (``pad_einsum``): the copies of ``A`` and ``B`` fill zeros past the ends,
+    the write-back skips them, so the micro-kernel never has a tail. Each output element
+    still sums its terms in ``k`` order. False (nothing changed) when the block is not a
+    plain matmul."""
+    operands = _matmul_operands(sch, block, kinds)
+    if operands is None:
+        return False
+    nr, mr = tiles.cols, tiles.rows
+    m, n = extents[-3], extents[-2]
+    b_buffer = sch.get(block).reads[operands[1]].source
+    a_pack = b_pack = None
+    if m % mr or n % nr:
+        pad = [1] * (len(kinds) - 3) + [mr if m % mr else 1, nr if n % nr else 1, 1]
+        sch.pad_einsum(block, pad)
+        for producer in sch.get_producers(block):
+            written = sch.get(producer).writes[0].source
+            if str(written.name) == f"{b_buffer.name}_pad":
+                b_pack = producer
+            else:
+                a_pack = producer
+        write = sch.get_consumers(block)[0]
+        sch.set_scope(block, 0, "local")
+    else:
+        write = sch.cache_write(block, 0, "local")
+    if b_pack is None:
+        b_pack = sch.cache_read(block, operands[1], "global")
+    loops = sch.get_loops(block)[-len(kinds):]
+    batch, i, j, k = loops[:-3], loops[-3], loops[-2], loops[-1]
+    jc, jr, jv2, jv = sch.split(j, [None, tiles.panel_tiles, tiles.vectors, tiles.lanes])
+    ic, ir, ii = sch.split(i, [None, tiles.row_tiles, mr])
+    kc, ki = sch.split(k, [None, tiles.k_block])
+    outer = [*batch, jc, ic]
+    sch.reorder(*outer, kc, ir, jr, ki, ii, jv2, jv)
+    fused = sch.fuse(*outer)
+    sch.reverse_compute_at(write, fused)
+    inline_consumers(sch, write)
+    sch.compute_at(b_pack, kc)
+    sch.transform_layout(b_pack, ("write", 0),
+                         lambda *ax: (*ax[:-2], ax[-1] // nr, ax[-2], ax[-1] % nr))
+    if a_pack is not None:
+        sch.compute_at(a_pack, kc)
+    if parallel:
+        with contextlib.suppress(Exception):  # a loop that cannot run in parallel stays serial
+            sch.parallel(fused)
+    sch.unroll(ii)
+    sch.unroll(jv2)
+    sch.vectorize(jv)
+    init = sch.decompose_reduction(block, kc)
+    if n % nr == 0:  # TVM scalarizes a vector loop around the pad condition, element-wise
+        _, lane = sch.split(sch.get_loops(b_pack)[-1], [None, tiles.lanes])
+        sch.vectorize(lane)
+    for blk in (init, write):
+        with contextlib.suppress(Exception):
+            sch.vectorize(sch.get_loops(blk)[-1])
+    return True
