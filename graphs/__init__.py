@@ -25,6 +25,10 @@ _MODULES = (
     "tiny_vit",
     "digits_vit",
     "digits_cnn",
+    "slab_sla_vit",
+    "digits_matformer",
+    "power_causal_lm",
+    "digits_sigmoid_vit",
 )
 
 

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from edgekit.passes import (
+    convert_bf16,
+    convert_fp16,
     fold_bn,
     fold_constants,
     fold_ln_affine,
     fold_repbn,
+    linear_attention_order,
     ln_to_rmsnorm,
+    matformer_slice,
     merge_repvgg,
     poly_act,
     poly_gelu,
@@ -25,16 +29,20 @@ ALL: tuple[Pass, ...] = (
     fold_bn.PASS,
     merge_repvgg.PASS,
     fold_repbn.PASS,
+    linear_attention_order.PASS,
     fold_ln_affine.PASS,
     ln_to_rmsnorm.PASS,
     rmsnorm_to_crmsnorm.PASS,
     token_prune.PASS,
+    matformer_slice.PASS,
     poly_layernorm.PASS,
     poly_gelu.PASS,
     poly_act.PASS,
     poly_softmax.PASS,
     power_softmax.PASS,
     quantize_int8.PASS,
+    convert_fp16.PASS,
+    convert_bf16.PASS,
 )
 
 

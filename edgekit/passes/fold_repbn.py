@@ -23,7 +23,11 @@ This covers both SLAB's module (``transpose → BN + α·x → transpose``) and 
 A fold is refused, with the reason, when a reader is not linear (e.g. the residual stream),
 when a value on the way is read elsewhere, or when the weight is shared. Run it before
 ``fold-bn`` or after: fold-bn leaves a RepBN's BN as ``Mul+Add``, which is recognised too.
-Only checkpoints whose LinearNorm schedule has finished are RepBN-only in eval mode.
+Only checkpoints whose PRepBN schedule has finished are RepBN models: while λ > 0 a
+``LinearNorm`` computes ``λ·LN(x) + (1−λ)·RepBN(x)`` (SLAB's reference eval mode drops the LN
+term anyway, exporting a model that was never trained). A RepBN whose sum meets a
+``LayerNormalization`` of the stream in one Add (through Transposes and constant Muls) is such
+a checkpoint: the pass refuses it, naming the RepBN and the LN and giving λ.
 """
 
 from __future__ import annotations
@@ -120,6 +124,57 @@ def match_repbn(add: ir.Node) -> ChannelAffine | str | None:
     return None
 
 
+_THROUGH = ("Transpose", "Mul", "Cast", "Identity")  # what stands between a norm and the mix
+
+
+def _mixing_add(value: ir.Value) -> ir.Node | None:
+    """The Add that ``value`` reaches through a single-reader chain of ``_THROUGH`` ops."""
+    for _ in range(4):
+        uses = list(value.uses())
+        if len(uses) != 1 or uses[0].node.op_type not in ("Add", *_THROUGH):
+            return None
+        if uses[0].node.op_type == "Add":
+            return uses[0].node
+        value = uses[0].node.outputs[0]
+    return None
+
+
+def _layernorm_behind(value: ir.Value) -> tuple[ir.Node, float | None] | None:
+    """(LayerNormalization, its constant weight λ if any) that ``value`` is computed from."""
+    weight = None
+    for _ in range(4):
+        node = value.producer()
+        if node is None or node.op_type not in ("LayerNormalization", *_THROUGH):
+            return None
+        if node.op_type == "LayerNormalization":
+            return node, weight
+        if node.op_type == "Mul":
+            consts = [const_array(v) for v in node.inputs]
+            k = next((i for i, c in enumerate(consts) if c is not None), None)
+            if k is None:
+                return None
+            weight = float(consts[k].reshape(-1)[0]) if consts[k].size == 1 else None
+            value = node.inputs[1 - k]
+        else:
+            value = node.inputs[0]
+    return None
+
+
+def check_schedule_ended(aff: ChannelAffine) -> None:
+    """Refuse a RepBN still mixed with LayerNorm (an unfinished PRepBN LinearNorm)."""
+    add = _mixing_add(aff.out)
+    for other in add.inputs if add is not None else ():
+        found = _layernorm_behind(other)
+        if found is not None:
+            ln, lam = found
+            weight = f" (LN weight λ = {lam:.4g})" if lam is not None else ""
+            raise PassRefused(
+                f"RepBN {aff.name!r} is mixed with LayerNormalization {ln.name!r} in "
+                f"{add.name!r}{weight}: its PRepBN LinearNorm schedule has not ended, so this "
+                "checkpoint is not a RepBN model; train until the schedule ends (iter = 0) "
+                "before folding", aff.name)
+
+
 def apply(model: ir.Model, ctx: PassContext, *, decompose: bool = True) -> PassReport:
     graph, report = model.graph, ctx.report  # exact: the samples are not needed
     found = []
@@ -128,6 +183,7 @@ def apply(model: ir.Model, ctx: PassContext, *, decompose: bool = True) -> PassR
         if isinstance(match, str):
             report.skip(add.name, match)
         elif match is not None:
+            check_schedule_ended(match)
             found.append(add)
     if not found and not report.skipped:
         raise PassRefused("no RepBN (BatchNormalization(x) + alpha*x over the same x) found")

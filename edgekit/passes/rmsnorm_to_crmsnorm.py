@@ -24,8 +24,12 @@ With z = x[:d-1], sum_i x_i^2 = sum z_i^2 + (sum z_i)^2, hence
    output is a graph output or reaches a non-linear reader keeps its width: the last
    coordinate is rebuilt as -sum of the others (Concat), then gamma/beta; same output shape.
 
-Exact in exact arithmetic. Run it in fp32 or wider: the (sum z)^2 term loses precision to
-cancellation in fp16/bf16 (techniques.md §2).
+Exact in exact arithmetic. The (sum z)^2 term loses precision to cancellation in fp16/bf16
+(techniques.md §2), so the statistics stay an fp32 island, as the official code keeps them:
+every node that computes sum z^2, (sum z)^2, their mean and its root carries the ONNX node
+metadata ``edgekit.keep_fp32`` (value: the reason), which ``convert-fp16``/``convert-bf16``
+honour. A graph whose stream is already fp16/bf16 is refused: run this pass on the fp32
+model, then convert it.
 """
 
 from __future__ import annotations
@@ -79,19 +83,28 @@ def _narrow(b: _ir.Builder, edits, values: dict[ir.Value, tuple[int, int]]) -> N
                                     for i, d in enumerate(value.shape)])
 
 
+KEEP_FP32 = "edgekit.keep_fp32"  # node metadata: the precision converters leave it in fp32
+ISLAND_REASON = ("CRMSNorm statistics: (sum z)^2 cancels against sum z^2 in fp16/bf16 "
+                 "(rmsnorm-to-crmsnorm)")
+
+
 def emit_crms(b: _ir.Builder, norm: Norm) -> ir.Value:
     x = norm.x
     dtype, shape = x.dtype.numpy(), x.shape
     red = [*shape[:-1], 1] if shape is not None else None
     b = b.at(norm.first, like=x)
-    sum_sq = b.reduce("ReduceSum", b.op("Pow", [x, b.scalar(2, dtype, "two")], shape=shape),
-                      shape=red)
+    square = b.op("Pow", [x, b.scalar(2, dtype, "two")], shape=shape)
+    sum_sq = b.reduce("ReduceSum", square, shape=red)
     total = b.reduce("ReduceSum", x, shape=red)
-    mean_sq = b.op("Div", [b.op("Add", [sum_sq, b.op("Mul", [total, total], shape=red)],
-                                shape=red),
+    total_sq = b.op("Mul", [total, total], shape=red)
+    mean_sq = b.op("Div", [b.op("Add", [sum_sq, total_sq], shape=red),
                            b.scalar(norm.width, dtype, "width")], shape=red)
-    rms = b.op("Sqrt", [b.op("Add", [mean_sq, b.scalar(norm.eps, dtype, "eps")], shape=red)],
-               shape=red)
+    with_eps = b.op("Add", [mean_sq, b.scalar(norm.eps, dtype, "eps")], shape=red)
+    rms = b.op("Sqrt", [with_eps], shape=red)
+    # the statistics are the fp32 island; the final x / rms is well conditioned in fp16
+    for value in (square, sum_sq, total, total_sq, mean_sq.producer().inputs[0], mean_sq,
+                  with_eps, rms):
+        value.producer().metadata_props[KEEP_FP32] = ISLAND_REASON
     return b.op("Div", [x, rms], shape=shape)
 
 
@@ -137,6 +150,12 @@ def apply(model: ir.Model, ctx: PassContext, *, zero_mean_tol: float = 1e-4) -> 
     if not norms:
         raise PassRefused("no RMSNorm found (RMSNormalization, or x / sqrt(ReduceMean(x^2, -1) "
                           "+ eps)); run ln-to-rmsnorm on a Pre-LN model first")
+    for n in norms:
+        if n.x.dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16):
+            raise PassRefused(
+                f"the stream read by {n.first.name!r} is {n.x.dtype.name.lower()}: CRMSNorm's "
+                "(sum z)^2 cancels in half precision; run this pass on the fp32 model (its "
+                "statistics are then marked edgekit.keep_fp32 for convert-fp16)", n.first.name)
     stream: rs.Stream = rs.trace_stream(
         [(n.x, n.width) for n in norms], {r for n in norms for r in n.reads},
         {v: n.first for n in norms for v in n.values}, "an RMSNorm")

@@ -162,3 +162,28 @@ def test_plain_bn_is_not_a_repbn():
     model = g.model(g.node("Add", [g.bn(x, 4, "bn"), g.input("y", 1, 4, 3, 3)], "add"))
     _, run = run_pass(model, PASS, PASS.params, samples(model))
     assert run.status == "refused" and "no RepBN" in run.message
+
+
+def test_slab_sla_vit_folds_after_its_schedule_ended():
+    """The trained SLA fixture's PRepBN schedule ended (λ = 0): its 5 RepBNs fold exactly."""
+    _, model = exported("slab-sla-vit")
+    new, report, err = run_checked(model, PASS)
+    assert dict(report.changed) == {"into-next-matmul": 4, "into-next-gemm": 1}
+    assert ops(new, "BatchNormalization") == 0 and err <= 1e-5
+
+
+def test_unfinished_prepbn_schedule_is_refused():
+    """λ > 0 left in one LinearNorm: the graph mixes LN into that RepBN; refused, named."""
+    import torch
+    from edgekit.graphs.slab_sla_vit import load
+
+    from edgekit.export import export_module
+    from edgekit.verify import TensorSpec
+
+    module = load(**{"blocks.1.norm2.iter": torch.tensor(30)})  # 30 of 192 steps left
+    model = export_module(module, [TensorSpec("image", (1, 1, 32, 32), "float32")])
+    _, run = run_pass(model, PASS, PASS.params, samples(model))
+    assert run.status == "refused" and "schedule has not ended" in run.message
+    assert "LN weight λ = 0.1562" in run.message and "LayerNormalization" in run.message
+    node, _ = run.report.skipped[-1]
+    assert node.startswith("node__native_batch_norm") and f"RepBN {node!r}" in run.message

@@ -126,3 +126,47 @@ def test_norm_that_is_not_recognised_says_why():
 def test_model_without_rmsnorm_is_refused():
     _, run = run_pass(residual_model(), PASS, {}, samples())
     assert run.status == "refused" and run.message.startswith("no RMSNorm found")
+
+
+def test_statistics_are_an_fp32_island():
+    """The nodes computing Σz², (Σz)², their mean and root carry edgekit.keep_fp32; the
+    final division and the rest of the graph do not (convert-fp16 keeps only the island)."""
+    model = builtin("tiny-gpt")
+    new, ledger = run_pipeline(model, PIPELINE, builtin_feeds("tiny-gpt"))
+    assert ledger[1].status == "applied"
+    marked = [n for n in new.graph.node
+              if any(p.key == "edgekit.keep_fp32" and "cancels" in p.value
+                     for p in n.metadata_props)]
+    assert sorted({n.op_type for n in marked}) == ["Add", "Div", "Mul", "Pow", "ReduceSum",
+                                                   "Sqrt"]
+    assert sum(n.op_type == "ReduceSum" for n in marked) == op_count(new, "ReduceSum") == 10
+    assert sum(n.op_type == "Sqrt" for n in marked) == 5
+    divs = [n for n in new.graph.node if n.op_type == "Div"]
+    assert len([n for n in divs if n in marked]) == 5 < len(divs)  # x / rms stays unmarked
+
+
+def test_half_precision_stream_is_refused():
+    model = residual_model(np.float16, norm="div", centre=True)
+    _, run = run_pass(model, PASS, {}, samples())
+    assert run.status == "refused" and "float16" in run.message
+    assert "fp32 model" in run.message and run.report.skipped[-1][0] == "ln0.sq"
+
+
+def test_convert_fp16_keeps_the_island_in_fp32():
+    """The contract with convert-fp16: every marked node still computes in float32 while
+    the matmuls go to float16."""
+    import onnx
+
+    from edgekit.passes import available
+
+    fp16 = available()["convert-fp16"]
+    new, ledger = run_pipeline(builtin("tiny-gpt"), [*PIPELINE, (fp16, fp16.params)],
+                               builtin_feeds("tiny-gpt"))
+    assert [r.status for r in ledger] == ["applied"] * 3, ledger[-1].message
+    graph = onnx.shape_inference.infer_shapes(new).graph
+    elem = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.output]}
+    marked = [n for n in new.graph.node
+              if any(p.key == "edgekit.keep_fp32" for p in n.metadata_props)]
+    assert len(marked) == 40 and {elem[n.output[0]] for n in marked} == {onnx.TensorProto.FLOAT}
+    assert {elem[n.output[0]] for n in new.graph.node if n.op_type == "MatMul"} == {
+        onnx.TensorProto.FLOAT16}
