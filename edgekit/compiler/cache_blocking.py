@@ -89,13 +89,19 @@ def _balance(chunks: int, cores: int) -> float:
     return chunks / (-(-chunks // cores) * cores)
 
 
+_MIN_ROW_TILES = 4
+
+
 def matmul_tiles(m: int, k: int, n: int, machine: Machine, cores: int) -> MatmulTiles:
     """The tiles for ``(m, k) @ (k, n)`` on ``machine`` with ``cores`` threads."""
     lanes = machine.lanes
     mr, nv = register_tile(m, n, lanes, machine.vector_registers)
     nr = nv * lanes
     n_tiles, m_tiles = -(-n // nr), -(-m // mr)
-    big = k * n * _FLOAT > machine.l2 // 2 and m >= mr and n_tiles > 1
+    # Packing a weight panel costs a read and a write of it per call, repaid only when
+    # several row tiles reuse it: with fewer than _MIN_ROW_TILES (a short sequence, a few
+    # tokens) the unpacked tile streams the weights once and wins.
+    big = (k * n * _FLOAT > machine.l2 // 2 and m_tiles >= _MIN_ROW_TILES and n_tiles > 1)
     if not big:
         return MatmulTiles(mr, nv, lanes, k, n_tiles, m_tiles, False)
     kc = _k_block(k, max(3 * machine.l1d // 4 // ((mr + nr) * _FLOAT) // 8 * 8, 8))
