@@ -72,39 +72,19 @@ def _shifted(x, gen, max_shift: int):
 
 
 def train(seed: int = 0, epochs: int | None = None, log=None):
-    """The CNN trained with ``RECIPE`` on the fixed training split (AdamW, one-cycle LR, label
-    smoothing 0.1, random shifts of up to ``shift`` pixels, seeded batch order, one thread);
-    ``log(epoch)`` reports progress. Returns the model in eval mode."""
+    """The CNN trained with ``RECIPE`` on the fixed training split (``_digits_training.fit``:
+    AdamW, one-cycle LR, label smoothing 0.1, seeded batch order, one thread), with random
+    shifts of up to ``shift`` pixels each epoch; ``log(epoch)`` reports progress. Returns the
+    model in eval mode."""
     import torch
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # reproducible, and faster than 2 contended threads at this size
-    try:
-        torch.manual_seed(seed)
-        model = _model()
-        x_tr, y_tr, _, _ = digits_split()
-        x, y = torch.from_numpy(x_tr), torch.from_numpy(y_tr)
-        epochs = epochs or RECIPE["epochs"]
-        batches = (len(x) + RECIPE["batch"] - 1) // RECIPE["batch"]
-        opt = torch.optim.AdamW(model.parameters(), lr=RECIPE["lr"], weight_decay=RECIPE["wd"])
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, RECIPE["lr"],
-                                                    total_steps=epochs * batches)
-        gen = torch.Generator().manual_seed(seed)
-        model.train()
-        for epoch in range(epochs):
-            if log:
-                log(epoch)
-            xs = _shifted(x, gen, RECIPE["shift"])
-            for idx in torch.randperm(len(x), generator=gen).split(RECIPE["batch"]):
-                loss = torch.nn.functional.cross_entropy(model(xs[idx]), y[idx],
-                                                         label_smoothing=0.1)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                sched.step()
-    finally:
-        torch.set_num_threads(threads)
-    return model.eval()
+    from ._digits_training import fit
+
+    x_tr, y_tr, _, _ = digits_split()
+    x = torch.from_numpy(x_tr)
+    return fit(lambda _steps: _model(), RECIPE, (x_tr, y_tr), seed, epochs, log,
+               data=lambda _epoch, gen: (_shifted(x, gen, RECIPE["shift"]),
+                                         torch.from_numpy(y_tr)))
 
 
 def save(model, path: Path = WEIGHTS) -> None:

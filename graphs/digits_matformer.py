@@ -80,36 +80,20 @@ def _model(dim: int, depth: int, heads: int, ffn: int, patch: int, **_):
 
 
 def train(seed: int = 0, log=None):
-    """All granularities trained jointly (summed loss per batch; AdamW, one-cycle LR, label
-    smoothing 0.1, seeded batch order, one thread)."""
+    """All granularities trained jointly: each batch's loss is the sum of the sub-models'
+    (``_digits_training.fit``: AdamW, one-cycle LR, label smoothing 0.1, seeded batch order,
+    one thread)."""
     import torch
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        torch.manual_seed(seed)
-        model = _model(**RECIPE)
-        x_tr, y_tr, _, _ = digits_split()
-        x, y = torch.from_numpy(x_tr), torch.from_numpy(y_tr)
-        steps = RECIPE["epochs"] * ((len(x) + RECIPE["batch"] - 1) // RECIPE["batch"])
-        opt = torch.optim.AdamW(model.parameters(), lr=RECIPE["lr"], weight_decay=RECIPE["wd"])
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, RECIPE["lr"], total_steps=steps)
-        gen = torch.Generator().manual_seed(seed)
-        model.train()
-        for epoch in range(RECIPE["epochs"]):
-            if log:
-                log(epoch)
-            for idx in torch.randperm(len(x), generator=gen).split(RECIPE["batch"]):
-                loss = sum(torch.nn.functional.cross_entropy(model(x[idx], k), y[idx],
-                                                             label_smoothing=0.1)
-                           for k in GRANULARITIES)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                sched.step()
-    finally:
-        torch.set_num_threads(threads)
-    return model.eval()
+    from ._digits_training import fit
+
+    def loss(model, x, y):
+        return sum(torch.nn.functional.cross_entropy(model(x, k), y, label_smoothing=0.1)
+                   for k in GRANULARITIES)
+
+    x_tr, y_tr, _, _ = digits_split()
+    return fit(lambda _steps: _model(**RECIPE), RECIPE, (x_tr, y_tr), seed, log=log,
+               loss=loss)
 
 
 def load(units: int | tuple[int, ...] | None = None):

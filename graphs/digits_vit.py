@@ -82,41 +82,15 @@ def _model(dim: int, depth: int, heads: int, mlp: int, **_):
 
 
 def train(seed: int = 0, epochs: int | None = None, data=None, log=None):
-    """The ViT trained with ``RECIPE`` (AdamW, one-cycle LR, label smoothing 0.1, seeded batch
-    order, one thread). ``data(epoch) -> (x, y)`` gives each epoch's training tensors, all of the
-    same length (default: the fixed digits training split every epoch); ``log(epoch)`` reports
-    progress."""
-    import torch
+    """The ViT trained with ``RECIPE`` (``_digits_training.fit``: AdamW, one-cycle LR, label
+    smoothing 0.1, seeded batch order, one thread). ``data(epoch) -> (x, y)`` gives each
+    epoch's training tensors, all of the same length (default: the fixed digits training
+    split every epoch); ``log(epoch)`` reports progress."""
+    from ._digits_training import fit
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # also much faster than 2 contended threads for this size
-    torch.manual_seed(seed)
-    model = _model(**RECIPE)
-    if data is None:
-        x_tr, y_tr, _, _ = digits_split()
-        fixed = torch.from_numpy(x_tr), torch.from_numpy(y_tr)
-        data = lambda _epoch: fixed  # noqa: E731
-    epochs = epochs or RECIPE["epochs"]
-    opt = torch.optim.AdamW(model.parameters(), lr=RECIPE["lr"], weight_decay=RECIPE["wd"])
-    gen = torch.Generator().manual_seed(seed)
-    sched = None
-    model.train()
-    for epoch in range(epochs):
-        if log:
-            log(epoch)
-        x, y = data(epoch)
-        if sched is None:  # needs the step count, known once the first epoch's data is
-            steps = epochs * ((len(x) + RECIPE["batch"] - 1) // RECIPE["batch"])
-            sched = torch.optim.lr_scheduler.OneCycleLR(opt, RECIPE["lr"], total_steps=steps)
-        for idx in torch.randperm(len(x), generator=gen).split(RECIPE["batch"]):
-            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx], label_smoothing=0.1)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    torch.set_num_threads(threads)
-    return model.eval()
-
+    x_tr, y_tr, _, _ = digits_split()
+    return fit(lambda _steps: _model(**RECIPE), RECIPE, (x_tr, y_tr), seed, epochs, log,
+               data=(lambda epoch, _gen: data(epoch)) if data else None)
 
 WEIGHTS = Path(__file__).with_name("digits_vit.npz")
 
