@@ -115,6 +115,9 @@ def timed(engines: dict, rounds: int, number: int) -> dict[str, float]:
     times: dict[str, list[float]] = {k: [] for k in engines}
     for _ in range(rounds):
         for name, call in engines.items():
+            # one untimed call first: the previous engine's pool threads (onnxruntime's
+            # spin after each run) would otherwise share the 2 cores with this one's first
+            call()
             start = time.perf_counter()
             for _ in range(number):
                 call()

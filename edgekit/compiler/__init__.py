@@ -12,7 +12,8 @@
 Inside, imports run one way (imports inside functions too):
 
     build -> pipeline -> frontend -> bounded_take, fast_math, grouped_conv, channels_last,
-                                     conv_layout, qdq, int8_kernels, nan_propagation
+                                     conv_layout, matmul_layout, qdq, int8_kernels,
+                                     nan_propagation (layouts -> constant_weights)
                       -> tune -> tune_budget
                               -> tune_check -> schedules -> tiling, symbolic, gemv,
                                                             conv_schedule, int8_schedule,

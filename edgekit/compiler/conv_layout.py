@@ -36,6 +36,7 @@ from tvm import relax
 from tvm.relax import PyExprMutator, expr_functor
 
 from edgekit.compiler import conv_schedule
+from edgekit.compiler.constant_weights import constant_value
 from edgekit.compiler.conv_schedule import CONV, NHWC, PAD
 
 
@@ -98,12 +99,6 @@ def _static_shape(expr) -> list[int] | None:
         return None
 
 
-# ops that only move weight elements: folded at compile time when they read constants
-# (broadcast_to: the ONNX light zoo's constant-filled weights)
-_LAYOUT_OPS = frozenset({"relax.permute_dims", "relax.strided_slice", "relax.split",
-                         "relax.reshape", "relax.layout_transform", "relax.broadcast_to"})
-
-
 @expr_functor.mutator
 class _Rewriter(PyExprMutator):
     def __init__(self, mod, lanes: int, registers: int):
@@ -118,52 +113,9 @@ class _Rewriter(PyExprMutator):
         out = self._conv(call, *call.args)
         return call if out is None else out
 
-    def _weights(self, w) -> np.ndarray | None:
-        """The conv's HWIO weights when they are a constant, or layout ops of constants
-        (``ConvertLayout``'s ``permute_dims`` of the ONNX OIHW constant, the slices of
-        ``SplitGroupedConvs``, a ``broadcast_to`` of a constant): those ops alone are folded
-        here, at compile time; else None (other constant math, e.g. a quantize, keeps its own
-        lowering)."""
-        expr = self._closed(w, depth=8)
-        if expr is None:
-            return None
-        if isinstance(expr, tvm.ir.expr.Constant):
-            return expr.value.numpy()
-        bb = relax.BlockBuilder()
-        with bb.function("main", []):
-            with bb.dataflow():  # FoldConstant folds inside dataflow blocks only
-                out = bb.emit_output(expr)
-            bb.emit_func_output(out)
-        body = relax.transform.FoldConstant()(bb.get())["main"].body
-        # folded: the block may be gone, the constant returned directly
-        value = body.blocks[-1].bindings[-1].value if body.blocks else body.body
-        return value.value.numpy() if isinstance(value, tvm.ir.expr.Constant) else None
-
-    def _closed(self, expr, depth: int):
-        """``expr`` with its variables replaced by their bindings, when it is built from
-        constants by ``_LAYOUT_OPS`` only; else None."""
-        if isinstance(expr, relax.Var):
-            expr = self.lookup_binding(expr)
-        if isinstance(expr, tvm.ir.expr.Constant) or (
-                expr is not None and not isinstance(expr, relax.Expr)):
-            return expr  # a constant, or a non-tensor argument (shape, PrimValue)
-        if isinstance(expr, relax.TupleGetItem) and depth:
-            inner = self._closed(expr.tuple_value, depth - 1)
-            return None if inner is None else relax.TupleGetItem(inner, expr.index)
-        if (depth and isinstance(expr, relax.Call)
-                and getattr(expr.op, "name", "") in _LAYOUT_OPS):
-            args = [self._closed(a, depth - 1) if isinstance(a, relax.Var | relax.Call)
-                    else a for a in expr.args]
-            if any(a is None for a in args):
-                return None
-            return relax.Call(expr.op, args, expr.attrs, expr.ty_args)
-        if isinstance(expr, relax.ShapeExpr | relax.Tuple):
-            return expr
-        return None
-
     def _conv(self, call, x, w):
         a = call.attrs
-        hwio = self._weights(w)
+        hwio = constant_value(w, self.lookup_binding)
         if (hwio is None or int(a.groups) != 1
                 or (str(a.data_layout), str(a.kernel_layout), str(a.out_layout))
                 != ("NHWC", "HWIO", "NHWC")

@@ -213,12 +213,13 @@ def relax_rewrites(progress: Progress = no_progress):
     from edgekit.compiler.fast_math import FastMath
     from edgekit.compiler.grouped_conv import SplitGroupedConvs
     from edgekit.compiler.int8_kernels import Int8Kernels
+    from edgekit.compiler.matmul_layout import PackMatmulWeights
     from edgekit.compiler.nan_propagation import PropagateNaN
     from edgekit.compiler.qdq import ExactQuantize, LowerQDQ
 
     return tvm.transform.Sequential(
         [LowerQDQ(), Int8Kernels(), BoundedTake(), FastMath(), SplitGroupedConvs(),
-         ChannelsLast(progress), PackConvWeights(),
+         ChannelsLast(progress), PackConvWeights(), PackMatmulWeights(),
          PropagateNaN(), ExactQuantize()],
         name="edgekit.RelaxRewrites")
 

@@ -38,6 +38,7 @@ row reductions (``reductions``: vector partial sums, rounding only).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any
 
 from edgekit.compiler import reductions, tiling
@@ -153,6 +154,14 @@ def _blocked(sch, info, extents: list[int], cpu, cores: int, parallel: bool) -> 
     tiles = matmul_tiles(TILE_ROWS, extents[-1], extents[-2], cpu, cores)
     if not tiles.blocked:
         return False
+    operands = tiling._matmul_operands(sch, info.block_rv, kinds)
+    if operands is not None and operands[2]:
+        # weights packed at compile time (matmul_layout), rows padded to whole tiles by the
+        # kernel itself: row blocks of one tile need no predicate and repack nothing
+        tiles = dataclasses.replace(tiles, row_tiles=1)
+        extents = [*extents[:-3], tiles.rows * HINT, *extents[-2:]]
+        return tiling.tile_blocked(sch, info.block_rv, kinds, extents, tiles, parallel,
+                                   rows_inside=True)
     # rows as tile_blocked reads them: a count that is not a multiple of ``mr`` makes it pad
     # the rows (pad_einsum), what a symbolic count needs
     extents = [*extents[:-3], tiles.rows * HINT + 1, *extents[-2:]]

@@ -76,9 +76,15 @@ def contiguous_in_a_read(sch, block, axis: int) -> bool:
     stmt = sch.get(block)
     var = stmt.iter_vars[axis].var
     uses = re.compile(rf"\b{var.name}\b")
+    packed = [re.compile(rf"{var.name} {op} T\.int(32|64)\(\d+\)") for op in ("//", "%")]
     last = False
     for r in stmt.reads:
         if not len(r.region):
+            continue
+        mins = [str(rng.min) for rng in r.region]
+        if packed[1].fullmatch(mins[-1]) and all(
+                packed[0].fullmatch(m) or not uses.search(m) for m in mins[:-1]):
+            last = True  # panels packed by matmul_layout: Wp[j // B, k, j % B]
             continue
         if any(uses.search(str(rng.min)) for rng in list(r.region)[:-1]):
             return False
@@ -171,10 +177,11 @@ def inline_consumers(sch, write: Any) -> None:
             return
 
 
-def _matmul_operands(sch, block, kinds: str) -> tuple[int, int] | None:
-    """(index of ``A`` among the reads, of ``B``) for a matmul block ``C[.., i, j] +=
-    A[.., i, k] * B[.., k, j]`` (one reduction axis ``k``, innermost; ``B`` indexed last by
-    ``j`` then ``k``, ``A`` last by ``k``); None for any other block."""
+def _matmul_operands(sch, block, kinds: str) -> tuple[int, int, bool] | None:
+    """(index of ``A`` among the reads, of ``B``, whether ``B`` is packed) for a matmul block
+    ``C[.., i, j] += A[.., i, k] * B[.., k, j]`` (one reduction axis ``k``, innermost; ``B``
+    indexed last by ``j`` then ``k``, or packed by ``matmul_layout``: ``Wp[j // nr, k,
+    j % nr]``; ``A`` indexed last by ``k``); None for any other block."""
     import re
 
     if not kinds.endswith("SSR") or kinds.count("R") != 1:
@@ -183,15 +190,21 @@ def _matmul_operands(sch, block, kinds: str) -> tuple[int, int] | None:
     names = [v.var.name for v in stmt.iter_vars]
     i, j, k = (re.compile(rf"\b{n}\b") for n in names[-3:])
     a = b = None
+    packed = False
     for index, region in enumerate(stmt.reads):
         mins = [str(rng.min) for rng in region.region]
         if len(mins) < 2 or region.source.same_as(stmt.writes[0].source):
             continue
         if j.fullmatch(mins[-1]) and k.fullmatch(mins[-2]) and b is None:
             b = index
-        elif k.fullmatch(mins[-1]) and i.fullmatch(mins[-2]) and a is None:
-            a = index
-    return (a, b) if a is not None and b is not None else None
+        elif (len(mins) == 3 and b is None and k.fullmatch(mins[1])
+              and re.fullmatch(rf"{j.pattern} // T\.int(32|64)\(\d+\)", mins[0])
+              and re.fullmatch(rf"{j.pattern} % T\.int(32|64)\(\d+\)", mins[2])):
+            b, packed = index, True
+        elif (k.fullmatch(mins[-1]) and a is None and (
+                i.fullmatch(mins[-2]) or re.fullmatch(rf"T\.min\({i.pattern}, .*\)", mins[-2]))):
+            a = index  # T.min: matmul_layout's padded rows re-read the last row
+    return (a, b, packed) if a is not None and b is not None else None
 
 
 def tile_matmul(sch, block, kinds: str, extents: list[int], cpu, cores: int,
@@ -201,10 +214,14 @@ def tile_matmul(sch, block, kinds: str, extents: list[int], cpu, cores: int,
     overflow L2, else the register tile alone. False (nothing changed) for other blocks."""
     from edgekit.compiler.cache_blocking import matmul_tiles
 
-    if _matmul_operands(sch, block, kinds) is None or extents[-2] < cpu.lanes:
+    operands = _matmul_operands(sch, block, kinds)
+    if operands is None or extents[-2] < cpu.lanes:
         return False
     n, lanes = extents[-2], cpu.lanes
-    tiles = matmul_tiles(extents[-3], extents[-1], n, cpu, cores)
+    m = extents[-3]
+    if operands[2]:  # packed by matmul_layout for the tiles of A's own row count
+        m = int(sch.get(block).reads[operands[0]].source.shape[-2])
+    tiles = matmul_tiles(m, extents[-1], n, cpu, cores)
     if tiles.blocked:
         return tile_blocked(sch, block, kinds, extents, tiles, parallel)
     # one panel: the register tile with the shortest scalar tail (no padding, no copies)
@@ -215,7 +232,8 @@ def tile_matmul(sch, block, kinds: str, extents: list[int], cpu, cores: int,
     return _tile(sch, block, kinds, extents, parallel, lanes, tiles.rows, vectors)
 
 
-def tile_blocked(sch, block, kinds: str, extents: list[int], tiles, parallel: bool) -> bool:
+def tile_blocked(sch, block, kinds: str, extents: list[int], tiles, parallel: bool,
+                 rows_inside: bool = False) -> bool:
     """Cache-blocked matmul (``cache_blocking`` has the model and the sizes ``tiles``):
 
     loops ``[batch.., jc, ic] | kc | ir | jr | k | ii, jv2, jv`` with ``jc`` a weight panel of
@@ -236,8 +254,17 @@ def tile_blocked(sch, block, kinds: str, extents: list[int], tiles, parallel: bo
     nr, mr = tiles.cols, tiles.rows
     m, n = extents[-3], extents[-2]
     b_buffer = sch.get(block).reads[operands[1]].source
+    prepacked = operands[2]  # by matmul_layout, at compile time: no per-call copy of B
     a_pack = b_pack = None
-    if m % mr or n % nr:
+    if prepacked:
+        # matmul_layout padded the rows to whole tiles and sized the panels: the kernel's
+        # accumulators are the tile, its row copy (back to M rows) the write-back
+        consumers = sch.get_consumers(block)
+        if m % mr or n % nr or len(consumers) != 1 or int(b_buffer.shape[-1]) != nr:
+            return False
+        write = consumers[0]
+        sch.set_scope(block, 0, "local")
+    elif m % mr or n % nr:
         pad = [1] * (len(kinds) - 3) + [mr if m % mr else 1, nr if n % nr else 1, 1]
         sch.pad_einsum(block, pad)
         for producer in sch.get_producers(block):
@@ -250,21 +277,29 @@ def tile_blocked(sch, block, kinds: str, extents: list[int], tiles, parallel: bo
         sch.set_scope(block, 0, "local")
     else:
         write = sch.cache_write(block, 0, "local")
-    if b_pack is None:
+    if b_pack is None and not prepacked:
         b_pack = sch.cache_read(block, operands[1], "global")
     loops = sch.get_loops(block)[-len(kinds):]
     batch, i, j, k = loops[:-3], loops[-3], loops[-2], loops[-1]
     jc, jr, jv2, jv = sch.split(j, [None, tiles.panel_tiles, tiles.vectors, tiles.lanes])
     ic, ir, ii = sch.split(i, [None, tiles.row_tiles, mr])
     kc, ki = sch.split(k, [None, tiles.k_block])
-    outer = [*batch, jc, ic]
-    sch.reorder(*outer, kc, ir, jr, ki, ii, jv2, jv)
-    fused = sch.fuse(*outer)
-    sch.reverse_compute_at(write, fused)
+    if rows_inside:
+        # a symbolic row count: (jc, ic) fused would index by ``fused // ceil(M / mr)``, a
+        # division by a run-time value that LLVM recomputes in the micro-kernel (the shape
+        # var is reloaded from the parallel closure; measured 3x slower than static)
+        outer = [*batch, jc]
+        sch.reorder(*outer, ic, kc, ir, jr, ki, ii, jv2, jv)
+    else:
+        outer = [*batch, jc, ic]
+        sch.reorder(*outer, kc, ir, jr, ki, ii, jv2, jv)
+    fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+    sch.reverse_compute_at(write, ic if rows_inside else fused)
     inline_consumers(sch, write)
-    sch.compute_at(b_pack, kc)
-    sch.transform_layout(b_pack, ("write", 0),
-                         lambda *ax: (*ax[:-2], ax[-1] // nr, ax[-2], ax[-1] % nr))
+    if b_pack is not None:
+        sch.compute_at(b_pack, kc)
+        sch.transform_layout(b_pack, ("write", 0),
+                             lambda *ax: (*ax[:-2], ax[-1] // nr, ax[-2], ax[-1] % nr))
     if a_pack is not None:
         sch.compute_at(a_pack, kc)
     if parallel:
@@ -274,7 +309,8 @@ def tile_blocked(sch, block, kinds: str, extents: list[int], tiles, parallel: bo
     sch.unroll(jv2)
     sch.vectorize(jv)
     init = sch.decompose_reduction(block, kc)
-    if n % nr == 0:  # TVM scalarizes a vector loop around the pad condition, element-wise
+    if n % nr == 0 and b_pack is not None:  # TVM scalarizes a vector loop around the pad
+        # condition, element-wise
         _, lane = sch.split(sch.get_loops(b_pack)[-1], [None, tiles.lanes])
         sch.vectorize(lane)
     for blk in (init, write):
