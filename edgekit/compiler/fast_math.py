@@ -48,6 +48,10 @@ def _gelu(x):
     return x * (half + topi.fast_erf(x * tirx.const(0.5**0.5, x.dtype)) * half)
 
 
+# partial sums of a symbolic-length softmax row: two AVX2 vectors, four NEON ones; AVX-512
+# would use one vector of them (softmax_rows)
+_SOFTMAX_PARTS = 16
+
 # relax op -> (TE function, kernel name; per_op maps kernels to ONNX nodes by these names)
 _FAST = {"relax.tanh": (topi.fast_tanh, "fast_tanh"), "relax.erf": (_erf, "fast_erf"),
          "relax.exp": (topi.fast_exp, "fast_exp")}
@@ -61,8 +65,17 @@ class _Rewrite(PyExprMutator):
         if getattr(call.ty, "dtype", None) != "float32":
             return call
         if name == "relax.nn.softmax":
-            return self.builder_.call_te(topi.nn.fast_softmax, call.args[0],
-                                         int(call.attrs.axis), primfunc_name_hint="softmax")
+            x = call.args[0]
+            axis = int(call.attrs.axis) % x.ty.ndim
+            last = x.ty.shape.values[-1] if x.ty.shape is not None else None
+            if axis == x.ty.ndim - 1 and not isinstance(last, tirx.IntImm):
+                # a symbolic row length (attention over seq keys): vector partial sums
+                from edgekit.compiler import softmax_rows
+
+                return self.builder_.call_te(softmax_rows.softmax_te, x, _SOFTMAX_PARTS,
+                                             primfunc_name_hint="softmax")
+            return self.builder_.call_te(topi.nn.fast_softmax, x, int(call.attrs.axis),
+                                         primfunc_name_hint="softmax")
         if name == "relax.nn.gelu":
             return self.builder_.call_te(_gelu, call.args[0], primfunc_name_hint="gelu")
         if name in _FAST:

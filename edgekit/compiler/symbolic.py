@@ -41,7 +41,7 @@ import contextlib
 import dataclasses
 from typing import Any
 
-from edgekit.compiler import reductions, tiling
+from edgekit.compiler import reductions, softmax_rows, tiling
 
 # Length assumed for a symbolic extent when estimating work (the parallel threshold):
 # a typical sentence (10-40 tokens) is shorter, a document longer.
@@ -88,9 +88,11 @@ def schedule(sch, infos, cores: int, lanes: int, cpu=None):
     ``cpu``: the target's ``machine.Machine`` (cache-blocked matmuls; None: fixed tiles)."""
     from tvm.s_tir.dlight.analysis import normalize_prim_func
 
+    work = len(infos) * _work(_hinted(infos[-1]))
+    if softmax_rows.schedule(sch, cores > 1 and work >= _MIN_PARALLEL_ROWS_WORK):
+        return sch.mod["main"]
     snapshot = sch.copy()
     try:
-        work = len(infos) * _work(_hinted(infos[-1]))
         if reductions.schedule_rows(sch, infos, cores > 1 and work >= _MIN_PARALLEL_ROWS_WORK,
                                     lanes):
             return sch.mod["main"]
