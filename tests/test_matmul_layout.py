@@ -76,25 +76,30 @@ def _packed_params(mod) -> list[tuple[int, ...]]:
 
 
 def test_pack_weights_layout():
-    w = _weights(shape=(5, 12))
+    w = _weights(shape=(5, 11))
     wp = pack_weights(w, 4)
     assert wp.shape == (3, 5, 4)
     for p in range(3):
         for b in range(4):
-            np.testing.assert_array_equal(wp[p, :, b], w[:, p * 4 + b])
+            col = w[:, p * 4 + b] if p * 4 + b < 11 else np.zeros(5, np.float32)
+            np.testing.assert_array_equal(wp[p, :, b], col)
 
 
-def test_symbolic_rows_every_length(small_caches):
-    """One library, lengths that leave every kind of row tail, against float64 NumPy."""
-    w = _weights()
+@pytest.mark.parametrize("n", [N, N + 4])
+def test_symbolic_rows_every_length(small_caches, n):
+    """One library, lengths that leave every kind of row tail, against float64 NumPy; a
+    column count that is not whole panels gets zero columns in the packed weights."""
+    w = _weights(shape=(K, n))
     model, bias = _model("seq", w)
     mod, run = _build(model, {"seq": (1, 64)})
     packed = _packed_params(mod)
-    assert len(packed) == 1 and packed[0][1] == K and packed[0][0] * packed[0][2] == N
+    assert len(packed) == 1 and packed[0][1] == K
+    assert packed[0][0] * packed[0][2] == -(-n // packed[0][2]) * packed[0][2]
     rng = np.random.default_rng(1)
     for rows in (1, 2, 3, 5, 17, 64):
         x = rng.standard_normal((1, rows, K)).astype(np.float32)
         ref = x.astype(np.float64) @ w.astype(np.float64) + bias
+        assert run(x).shape == (1, rows, n)
         err = np.abs(run(x) - ref).max() / np.abs(ref).max()
         assert err <= 1e-5, (rows, err)
 

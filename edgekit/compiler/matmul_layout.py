@@ -6,28 +6,27 @@ Input: ``R.matmul(x, W)`` with ``x`` float32 ``[..., M, K]`` (``M`` and the batc
 or symbolic, ``K`` static) and ``W`` a constant ``[K, N]`` (or ``LAYOUT_OPS`` of constants:
 ``Gemm``'s ``transB`` transpose, evaluated here). Output: ``R.call_tir`` of
 
-    acc[..., i, j] = sum_k x[..., min(i, M - 1), k] * Wp[j // B, k, j % B]   (i < M')
-    out[..., i, j] = acc[..., i, j]                                           (i < M)
-    Wp[p, k, b]    = W[k, p B + b]                        (NumPy, once, at compile time)
+    acc[..., i, j] = sum_k x[..., min(i, M - 1), k] * Wp[j // B, k, j % B]   (i < M', j < N')
+    out[..., i, j] = acc[..., i, j]                                    (i < M, j < N)
+    Wp[p, k, b]    = W[k, p B + b], 0 past N                 (NumPy, once, at compile time)
 
-``M'`` is ``M`` rounded up to whole register tiles (``mr`` rows): the extra rows recompute the
-last row and are never read, so the micro-kernel has no tail and no predicate (a symbolic
-``M`` cannot be padded by ``pad_einsum``, which needs plain indices; a predicate on the row
-tile keeps its accumulators out of registers, ``symbolic``).
-
-so each register tile's weights (``B`` columns, ``B = nv L`` from
+``M'`` is ``M`` rounded up to whole register tiles (``mr`` rows), ``N'`` is ``N`` rounded up
+to whole panels (GPT-2's 50257-word LM head): the extra rows recompute the last row, the
+extra columns multiply zero weights, and neither is ever read, so the micro-kernel has no
+tail and no predicate (a symbolic ``M`` cannot be padded by ``pad_einsum``, which needs plain
+indices; a predicate on the row tile keeps its accumulators out of registers, ``symbolic``).
+Each register tile's weights (``B`` columns, ``B = nv L`` from
 ``cache_blocking.matmul_tiles``) are one sequential stream in the order the reduction reads
 them. ``tiling.tile_blocked`` schedules it as any blocked matmul, minus the per-call copy of
-the weight panel: that copy read and wrote every weight on each call, so a short input (a few
-tokens) paid for packing all weights of the model (MiniLM's six layers: 42 MB moved per call,
-the fixed ~20 ms of its variable-length artifact at 8 tokens, docs/performance.md).
+the weight panel: that copy read and wrote every weight on each call (MiniLM's six layers:
+42 MB per call, whatever the input length; GPT-2's LM head alone 154 MB).
 
 Applies where ``matmul_tiles`` blocks the matmul (weights over half of L2, at least four row
 tiles; for a symbolic ``M`` at ``symbolic.TILE_ROWS`` rows, so always when the weights are
-large) and ``B`` divides ``N``. The pass and the schedule compute the same tiles (same
-target, same core count). Left unchanged: other dtypes, non-constant weights, matmuls the
-register tile alone serves (their weights are read once, unpacked), targets other than LLVM
-CPUs. Sums keep ``k`` order: the result is bit-identical to the unpacked kernel's.
+large). The pass and the schedule compute the same tiles (same target, same core count).
+Left unchanged: other dtypes, non-constant weights, matmuls the register tile alone serves
+(their weights are read once, unpacked), targets other than LLVM CPUs. Sums keep ``k``
+order, as the unpacked kernel's do.
 """
 
 from __future__ import annotations
@@ -46,17 +45,19 @@ OUT = "edgekit_matmul_rows"  # its output: the first M of the padded rows
 
 
 def pack_weights(w: np.ndarray, panel: int) -> np.ndarray:
-    """``W[K, N]`` -> ``Wp[N / panel, K, panel]`` (``N`` a multiple of ``panel``)."""
+    """``W[K, N]`` -> ``Wp[ceil(N / panel), K, panel]``, zero columns past ``N``."""
     k, n = w.shape
-    return np.ascontiguousarray(w.reshape(k, n // panel, panel).transpose(1, 0, 2))
+    panels = -(-n // panel)
+    if panels * panel != n:
+        w = np.concatenate([w, np.zeros((k, panels * panel - n), w.dtype)], axis=1)
+    return np.ascontiguousarray(w.reshape(k, panels, panel).transpose(1, 0, 2))
 
 
-def _matmul_te(x, wp, mr: int):
+def _matmul_te(x, wp, mr: int, n: int):
     from tvm import te, tirx
 
     *batch, m, k_ext = x.shape
     panels, _, panel = (int(d) for d in wp.shape)
-    n = panels * panel
     static = _static(m)
     if static is not None and static % mr == 0:
         padded, clamp = static, False
@@ -68,7 +69,7 @@ def _matmul_te(x, wp, mr: int):
         return tirx.min(i, m - 1) if clamp else i
 
     acc = te.compute(
-        (*batch, padded, n),
+        (*batch, padded, panels * panel),
         lambda *ax: te.sum(x[(*ax[:-2], row(ax[-2]), k)]
                            * wp[ax[-1] // panel, k, ax[-1] % panel], axis=k),
         name=MATMUL)
@@ -110,12 +111,12 @@ class _Rewriter(PyExprMutator):
         rows = _static(shape[-2])
         tiles = matmul_tiles(TILE_ROWS if rows is None else rows, k, weights.shape[1],
                              self.cpu, self.cores)
-        if not tiles.blocked or weights.shape[1] % tiles.cols:
+        if not tiles.blocked:
             return None
         self.count += 1
         return self.builder_.call_te(_matmul_te, x,
                                      relax.const(pack_weights(weights, tiles.cols)),
-                                     tiles.rows, primfunc_name_hint=MATMUL)
+                                     tiles.rows, weights.shape[1], primfunc_name_hint=MATMUL)
 
 
 @tvm.transform.module_pass(opt_level=0, name="edgekit.PackMatmulWeights")
