@@ -65,8 +65,30 @@ def test_masked_keys_are_exactly_zero_and_nan_propagates():
 
 
 def test_static_rows_keep_topi_kernel():
-    """A static row length has its own schedule (``reductions.schedule_rows``): unchanged."""
+    """A static row of whole vectors has its own schedule (``reductions.schedule_rows``)."""
     text, run = _build(_softmax_model(24), {"q": (1, 8)})
     assert PREFIX not in text
     x = np.random.default_rng(2).standard_normal((2, 3, 5, 24)).astype(np.float32)
     assert np.abs(run(x) - _reference(x)).max() <= 1e-6
+
+
+def test_static_odd_rows_with_fused_epilogue():
+    """A static row that is not whole vectors (ViT's 197 tokens) takes this kernel too, also
+    with an elementwise epilogue fused after it (transformers' ``where(isnan(p), 0, p)``)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 29, 37])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 29, 37])
+    zero = helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])
+    nodes = [helper.make_node("Softmax", ["x"], ["p"], axis=-1),
+             helper.make_node("IsNaN", ["p"], ["nan"]),
+             helper.make_node("Where", ["nan", "zero", "p"], ["y"])]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], [zero]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    text, run = _build(model, None)
+    assert f"{PREFIX}_psum" in text
+    data = (np.random.default_rng(3).standard_normal((1, 3, 29, 37)) * 5).astype(np.float32)
+    data[0, 1, 2] = -np.inf  # a fully masked row: NaN from the softmax, 0 after the where
+    got = run(data)
+    np.testing.assert_allclose(got, verify.run_ort(model, {"x": data})[0], atol=1e-6)
+    assert np.all(got[0, 1, 2] == 0)
+    rest = np.delete(data[0, 1], 2, 0)
+    assert np.abs(np.delete(got[0, 1], 2, 0) - _reference(rest)).max() <= 1e-6

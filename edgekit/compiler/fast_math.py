@@ -52,6 +52,18 @@ def _gelu(x):
 # would use one vector of them (softmax_rows)
 _SOFTMAX_PARTS = 16
 
+def _lanes() -> int:
+    """fp32 lanes of the target in scope (``to_relax`` sets it), else of this CPU."""
+    from edgekit.compiler.reductions import vector_lanes
+
+    target = tvm.target.Target.current(allow_none=True)
+    if target is None:
+        from edgekit.targets import load_target
+
+        target = load_target("host").tvm_target()
+    return vector_lanes(target)
+
+
 # relax op -> (TE function, kernel name; per_op maps kernels to ONNX nodes by these names)
 _FAST = {"relax.tanh": (topi.fast_tanh, "fast_tanh"), "relax.erf": (_erf, "fast_erf"),
          "relax.exp": (topi.fast_exp, "fast_exp")}
@@ -68,8 +80,10 @@ class _Rewrite(PyExprMutator):
             x = call.args[0]
             axis = int(call.attrs.axis) % x.ty.ndim
             last = x.ty.shape.values[-1] if x.ty.shape is not None else None
-            if axis == x.ty.ndim - 1 and not isinstance(last, tirx.IntImm):
-                # a symbolic row length (attention over seq keys): vector partial sums
+            if axis == x.ty.ndim - 1 and (not isinstance(last, tirx.IntImm) or (
+                    int(last) > _SOFTMAX_PARTS and int(last) % _lanes())):
+                # a symbolic row length (attention over seq keys), or one the static row
+                # schedule cannot split into vectors (ViT's 197 tokens): partials + tail
                 from edgekit.compiler import softmax_rows
 
                 return self.builder_.call_te(softmax_rows.softmax_te, x, _SOFTMAX_PARTS,

@@ -42,6 +42,7 @@ from edgekit.compiler import (
     int8_schedule,
     machine,
     reductions,
+    softmax_rows,
     symbolic,
     tiling,
 )
@@ -200,6 +201,11 @@ def schedule_func(func, cores: int, lanes: int = 4, cpu=None):
         return None
     if symbolic.has_symbolic_extent(infos):  # variable-length kernels: their own rules
         return symbolic.schedule(sch, infos, cores, lanes, cpu)
+    work = len(infos)
+    for d in infos[-1].dom():
+        work *= _const(d) or 1
+    if softmax_rows.schedule(sch, cores > 1 and work >= _MIN_PARALLEL_ROWS_WORK):
+        return sch.mod["main"]  # a softmax row that is not whole vectors (softmax_rows)
     snapshot = sch.copy()
     try:
         if _row_kernel(sch, infos, cores, lanes):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 
 PREFIX = "edgekit_softmax_rows"  # block names of the kernel: how the scheduler finds it
+_REDUCTIONS = ("_pmax", "_tmax", "_lmax", "_psum", "_tsum", "_lsum")
 
 
 def softmax_te(x, parts: int):
@@ -67,11 +68,13 @@ def schedule(sch, parallel: bool) -> bool:
     is not this kernel."""
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
     names = [sch.get(b).name_hint for b in blocks]
-    if f"{PREFIX}_norm" not in names:
+    if f"{PREFIX}_psum" not in names:
         return False
-    for block, name in zip(blocks, names, strict=True):
-        if not name.startswith(PREFIX) or name == f"{PREFIX}_shifted":
-            sch.compute_inline(block)  # x - m and its exp: recomputed where read
+    for block, name in zip(blocks[:-1], names[:-1], strict=True):
+        # x - m, its exp, the normalise pass when an epilogue follows (a fused isnan/where):
+        # recomputed where read; the partials and the output stay
+        if not name.endswith(_REDUCTIONS):
+            sch.compute_inline(block)
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
     out = blocks[-1]
     n = len(sch.get_loops(out)) - 1
