@@ -1,4 +1,6 @@
-"""The value of a Relax expression that is a constant weight, possibly behind layout ops.
+"""What the Relax passes that re-lay out constant weights share (``conv_layout``,
+``matmul_layout``, ``int8_kernels``): the value of a weight behind layout ops, the target in
+scope, and running a rewriter over a module.
 
 Relax passes that re-lay out weights at compile time (``conv_layout``, ``matmul_layout``) see
 a weight as a ``relax.Var`` bound to a constant, or to ops that only move constant elements
@@ -62,3 +64,25 @@ def _closed(expr, lookup, depth: int):
     if isinstance(expr, relax.ShapeExpr | relax.Tuple):
         return expr
     return None
+
+
+def current_or_host():
+    """The TVM target in scope (``to_relax`` sets it), else this machine's CPU."""
+    target = tvm.target.Target.current(allow_none=True)
+    if target is not None:
+        return target
+    from edgekit.targets import load_target
+
+    return load_target("host").tvm_target()
+
+
+def rewrite_functions(rewriter, mod: tvm.IRModule) -> tvm.IRModule:
+    """``rewriter`` (a ``PyExprMutator`` counting its rewrites in ``count``) over every Relax
+    function of ``mod``: ``mod`` itself when nothing was rewritten, else the new module
+    without the bindings the rewrites left dead (the original weights)."""
+    for gv, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+    if not rewriter.count:
+        return mod
+    return relax.transform.DeadCodeElimination()(rewriter.builder_.get())

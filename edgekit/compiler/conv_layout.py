@@ -36,7 +36,11 @@ from tvm import relax
 from tvm.relax import PyExprMutator, expr_functor
 
 from edgekit.compiler import conv_schedule
-from edgekit.compiler.constant_weights import constant_value
+from edgekit.compiler.constant_weights import (
+    constant_value,
+    current_or_host,
+    rewrite_functions,
+)
 from edgekit.compiler.conv_schedule import CONV, NHWC, PAD
 
 
@@ -153,23 +157,10 @@ class PackConvWeights:
         from edgekit.compiler.int8_intrin import cpu_features
         from edgekit.compiler.reductions import vector_lanes
 
-        target = self.target or _current_or_host()
+        target = self.target or current_or_host()
         if target.kind.name != "llvm":  # GPUs keep the conv op for their own scheduler
             return mod
         rewriter = _Rewriter(mod, vector_lanes(target),
                              conv_schedule.vector_registers(cpu_features(target)))
-        for gv, func in mod.functions.items():
-            if isinstance(func, relax.Function):
-                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-        if not rewriter.count:
-            return mod
-        return relax.transform.DeadCodeElimination()(rewriter.builder_.get())
+        return rewrite_functions(rewriter, mod)
 
-
-def _current_or_host():
-    target = tvm.target.Target.current(allow_none=True)
-    if target is not None:
-        return target
-    from edgekit.targets import load_target
-
-    return load_target("host").tvm_target()

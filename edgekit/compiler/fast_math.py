@@ -54,14 +54,10 @@ _SOFTMAX_PARTS = 16
 
 def _lanes() -> int:
     """fp32 lanes of the target in scope (``to_relax`` sets it), else of this CPU."""
+    from edgekit.compiler.constant_weights import current_or_host
     from edgekit.compiler.reductions import vector_lanes
 
-    target = tvm.target.Target.current(allow_none=True)
-    if target is None:
-        from edgekit.targets import load_target
-
-        target = load_target("host").tvm_target()
-    return vector_lanes(target)
+    return vector_lanes(current_or_host())
 
 
 # relax op -> (TE function, kernel name; per_op maps kernels to ONNX nodes by these names)

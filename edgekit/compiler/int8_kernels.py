@@ -37,6 +37,7 @@ from tvm import relax
 from tvm.relax import PyExprMutator, expr_functor
 
 from edgekit.compiler import int8_intrin
+from edgekit.compiler.constant_weights import current_or_host, rewrite_functions
 from edgekit.compiler.int8_intrin import Layout
 from edgekit.compiler.int8_schedule import GEMM, NCHW_OUT, PACK
 
@@ -155,7 +156,7 @@ class _Rewriter(PyExprMutator):
     def _layout(self) -> Layout:
         self.count += 1
         if self.layout is None:
-            self.layout = int8_intrin.choose(self.target or _current_or_host())
+            self.layout = int8_intrin.choose(self.target or current_or_host())
         return self.layout
 
     def _finish(self, y, x_dtype: str, matrix: np.ndarray, cols: int, axis: int = -1):
@@ -234,23 +235,9 @@ class Int8Kernels:
         self.target = target
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        target = self.target or _current_or_host()
+        target = self.target or current_or_host()
         if target.kind.name != "llvm":  # GPUs keep the int32 matmul for their own scheduler
             return mod
         rewriter = _Rewriter(mod, target)
-        for gv, func in mod.functions.items():
-            if isinstance(func, relax.Function):
-                new = rewriter.visit_expr(func)
-                rewriter.builder_.update_func(gv, new)
-        if not rewriter.count:
-            return mod
-        return relax.transform.DeadCodeElimination()(rewriter.builder_.get())
+        return rewrite_functions(rewriter, mod)
 
-
-def _current_or_host():
-    target = tvm.target.Target.current(allow_none=True)
-    if target is not None:
-        return target
-    from edgekit.targets import load_target
-
-    return load_target("host").tvm_target()

@@ -38,7 +38,11 @@ import tvm
 from tvm import relax
 from tvm.relax import PyExprMutator, expr_functor
 
-from edgekit.compiler.constant_weights import constant_value
+from edgekit.compiler.constant_weights import (
+    constant_value,
+    current_or_host,
+    rewrite_functions,
+)
 
 MATMUL = "edgekit_matmul_packed"  # kernel name hint of a packed-weight matmul
 OUT = "edgekit_matmul_rows"  # its output: the first M of the padded rows
@@ -130,17 +134,11 @@ class PackMatmulWeights:
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         from edgekit.compiler import machine
-        from edgekit.compiler.conv_layout import _current_or_host
 
-        target = self.target or _current_or_host()
+        target = self.target or current_or_host()
         if target.kind.name != "llvm":  # GPUs keep the matmul op for their own scheduler
             return mod
         # the core count apply_default schedules for (unknown: several, as TVM's runtime)
         cores = int(target.attrs.get("num-cores", 0) or 0) or 2
         rewriter = _Rewriter(mod, machine.describe(target), cores)
-        for gv, func in mod.functions.items():
-            if isinstance(func, relax.Function):
-                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-        if not rewriter.count:
-            return mod
-        return relax.transform.DeadCodeElimination()(rewriter.builder_.get())
+        return rewrite_functions(rewriter, mod)
