@@ -4,7 +4,8 @@ Steps of ``to_relax``:
 
 1. ``tidy_onnx`` (onnx-ir): Constant nodes become initializers (TVM cannot read
    ``Constant(value_ints)``); n-ary Sum becomes a chain of Add; a Dropout whose mask is unused
-   becomes Identity; QLinearMatMul/QLinearConv/ConvInteger become QDQ (see ``tidy_onnx``);
+   becomes Identity; a ConstantOfShape of an empty shape becomes its scalar;
+   QLinearMatMul/QLinearConv/ConvInteger become QDQ (see ``tidy_onnx``);
 2. ``unsupported_nodes``: every op TVM's ONNX frontend has no converter for, all of them with
    node names, before trying (one ``EdgekitError``);
 3. TVM's ONNX import; a symbolic dim (a name in a spec's shape, ``edgekit.shapes``) becomes one
@@ -63,6 +64,9 @@ def tidy_onnx(model: onnx.ModelProto, specs: Sequence[TensorSpec] = (),
       (TVM imports Sum as stack + reduce: a copy of every input into a 5-D tensor);
     - Dropout (inference: the identity) whose mask output is unused -> Identity (TVM imports
       it as a tuple-valued op that the layout pass cannot follow);
+    - ``ConstantOfShape`` of a constant empty shape (a scalar; the TorchScript exporter
+      writes one in transformers' BERT attention mask) -> that scalar (TVM's converter
+      broadcasts to a shape of rank 0 and fails);
     - QLinearMatMul, QLinearConv, ConvInteger (no TVM converter) -> their QDQ form
       (``compiler.qlinear``);
     - ``Range(0, n, 1)`` over an input's length: ``symbolic_ranges`` (``specs`` give the
@@ -83,6 +87,13 @@ def tidy_onnx(model: onnx.ModelProto, specs: Sequence[TensorSpec] = (),
         elif (node.domain == "" and node.op_type == "Dropout" and len(node.inputs) == 1
               and not any(v.uses() or v.is_graph_output() for v in node.outputs[1:])):
             _replace(graph, node, [ir.Node("", "Identity", node.inputs[:1], name=name)])
+        elif node.domain == "" and node.op_type == "ConstantOfShape" and _empty(node.inputs[0]):
+            value = node.attributes.get("value")
+            scalar = (value.as_tensor().numpy() if value is not None
+                      else np.zeros(1, np.float32)).reshape(())
+            init = ir.Value(name=f"{name}_scalar", const_value=ir.tensor(scalar))
+            graph.register_initializer(init)
+            _replace(graph, node, [ir.Node("", "Identity", [init], name=name)])
     symbolic_ranges(graph, {s.name: s.shape for s in specs}, bounds or {})
     return ir.to_proto(work)
 
@@ -140,6 +151,12 @@ def symbolic_ranges(graph: ir.Graph, shapes: Mapping[str, Sequence], bounds: Map
                          name=f"{node.name or i}__slice")
         _replace(graph, node, [length, sliced])
     return count
+
+
+def _empty(value: ir.Value | None) -> bool:
+    """Whether ``value`` is a constant with no elements (an empty shape)."""
+    const = None if value is None else value.const_value
+    return const is not None and const.size == 0
 
 
 def _scalar(value: ir.Value | None) -> float | None:
