@@ -13,11 +13,13 @@ Inside, imports run one way (imports inside functions too):
 
     build -> pipeline -> frontend -> bounded_take, fast_math, grouped_conv, channels_last,
                                      conv_layout, matmul_layout, qdq, int8_kernels,
+                                     gather_dequantize, softmax_rows,
                                      nan_propagation (layouts -> constant_weights)
                       -> tune -> tune_budget
                               -> tune_check -> schedules -> tiling, symbolic, gemv,
                                                             conv_schedule, int8_schedule,
-                                                            reductions, half
+                                                            reductions, half,
+                                                            softmax_rows
                                                          -> machine, cache_blocking
                                             -> tuning_db
 

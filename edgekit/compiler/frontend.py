@@ -17,8 +17,9 @@ Steps of ``to_relax``:
    ``0 .. hi - 1`` (``symbolic_ranges``): TVM imports Range through a tensor and a fresh
    shape variable, which loses ``n == seq`` and with it every shape downstream;
 4. ``relax_rewrites``: one ``tvm.transform.Sequential`` of edgekit's Relax module passes, in
-   order ``LowerQDQ``, ``Int8Kernels``, ``BoundedTake``, ``FastMath``, ``SplitGroupedConvs``,
-   ``ChannelsLast``, ``PropagateNaN``, ``ExactQuantize`` (each module
+   order ``LowerQDQ``, ``Int8Kernels``, ``GatherDequantized``, ``BoundedTake``, ``FastMath``,
+   ``SplitGroupedConvs``, ``ChannelsLast``, ``PackConvWeights``, ``PackMatmulWeights``,
+   ``PropagateNaN``, ``ExactQuantize`` (each module
    of this package says what it rewrites and why TVM's own pass was not enough).
 """
 
@@ -228,6 +229,7 @@ def relax_rewrites(progress: Progress = no_progress):
     from edgekit.compiler.channels_last import ChannelsLast
     from edgekit.compiler.conv_layout import PackConvWeights
     from edgekit.compiler.fast_math import FastMath
+    from edgekit.compiler.gather_dequantize import GatherDequantized
     from edgekit.compiler.grouped_conv import SplitGroupedConvs
     from edgekit.compiler.int8_kernels import Int8Kernels
     from edgekit.compiler.matmul_layout import PackMatmulWeights
@@ -235,8 +237,8 @@ def relax_rewrites(progress: Progress = no_progress):
     from edgekit.compiler.qdq import ExactQuantize, LowerQDQ
 
     return tvm.transform.Sequential(
-        [LowerQDQ(), Int8Kernels(), BoundedTake(), FastMath(), SplitGroupedConvs(),
-         ChannelsLast(progress), PackConvWeights(), PackMatmulWeights(),
+        [LowerQDQ(), Int8Kernels(), GatherDequantized(), BoundedTake(), FastMath(),
+         SplitGroupedConvs(), ChannelsLast(progress), PackConvWeights(), PackMatmulWeights(),
          PropagateNaN(), ExactQuantize()],
         name="edgekit.RelaxRewrites")
 

@@ -11,6 +11,9 @@ take) or int8 symmetric (``symmetric=true``). ``mode=dynamic`` reads ``x`` throu
 ``DynamicQuantizeLinear → DequantizeLinear`` (per-run uint8 range; onnxruntime and TVM's
 Relax importer both convert these two ops, unlike ConvInteger); ``mode=weights`` quantizes
 weights only. Activation × activation MatMuls (attention) stay float unless ``attention``.
+``embeddings=true`` also stores each constant Gather table (token embeddings) as int8 with
+one scale per row, read through ``DequantizeLinear(axis=0)``: weight-only, whatever the mode
+(the compiler gathers the int8 rows and dequantizes only those, ``GatherDequantized``).
 
 Before quantizing, ``smooth=α`` (SmoothQuant) and ``reparam`` (RepQ-ViT) rewrite each
 LayerNormalization read by linear layers so its outliers fit a per-tensor scale
@@ -73,6 +76,15 @@ class Candidate:
 def _candidate(i: int, node: ir.Node, attention: bool) -> Candidate | str:
     """What to quantize in ``node``, or why it stays float."""
     op = node.op_type
+    if op == "Gather":  # an embedding table: weight-only, one scale per row
+        table = const_array(node.inputs[0])
+        if table is None or table.ndim != 2:
+            return "its table is not a constant 2-D tensor"
+        if attr(node, "axis", 0) != 0:
+            return "a Gather along axis 1"
+        if const_array(node.inputs[1]) is not None:
+            return "its indices are constants (fold-constants first)"
+        return Candidate(i, node.name, op, (), 0, 0)
     w = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
     if op == "MatMul" and w is None and const_array(node.inputs[0]) is None:
         if not attention:
@@ -90,10 +102,12 @@ def _candidate(i: int, node: ir.Node, attention: bool) -> Candidate | str:
     return Candidate(i, node.name, op, (0,), 1, axis)
 
 
-def _find(model: ir.Model, attention: bool, report: PassReport) -> list[Candidate]:
+def _find(model: ir.Model, attention: bool, embeddings: bool,
+          report: PassReport) -> list[Candidate]:
+    ops = ("MatMul", "Gemm", "Conv", "Gather") if embeddings else ("MatMul", "Gemm", "Conv")
     found = []
     for i, node in enumerate(model.graph):
-        if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm", "Conv"):
+        if node.domain not in ("", "ai.onnx") or node.op_type not in ops:
             continue
         c = _candidate(i, node, attention)
         bad = [node.inputs[k].name for k in (c.acts if isinstance(c, Candidate) else ())
@@ -214,7 +228,7 @@ def apply(model: ir.Model, ctx: PassContext, *, mode: str = "static",
           method: str = "minmax", percentile: float = 99.99, per_channel: bool = True,
           symmetric: bool = False, reduce_range: bool = False, attention: bool = False,
           reparam: bool = False, smooth: float = DEFAULT_SMOOTH, min_cosine: float = 0.0,
-          max_error: float = 1.0) -> PassReport:
+          max_error: float = 1.0, embeddings: bool = False) -> PassReport:
     report = ctx.report
     if mode not in MODES:
         raise EdgekitError(f"quantize-int8: mode={mode!r}: expected one of {', '.join(MODES)}")
@@ -236,7 +250,7 @@ def apply(model: ir.Model, ctx: PassContext, *, mode: str = "static",
                                    "mode=weights")
     elif reparam or smooth:
         _outlier_rewrites(model, ctx, smooth, reparam)
-    cands = _find(model, attention, report)
+    cands = _find(model, attention, embeddings, report)
     if mode == "weights":  # an activation × activation MatMul has no weight to quantize
         for c in [c for c in cands if c.weight is None]:
             report.skip(c.name, "activation × activation MatMul: no weight (mode=weights)")
@@ -292,15 +306,16 @@ def _locator(cands: list[Candidate], nodes: list[ir.Node], chosen: set[int],
     rows = []
     for c in cands:
         node = nodes[c.index]
-        x = node.inputs[c.acts[0]].name
-        a = acts[x]
+        x = node.inputs[c.acts[0]].name if c.acts else None  # None: an embedding table
+        a = acts[x] if x is not None else None
+        static = mode == "static" and a is not None
         row = {"node": c.name, "op": c.op, "precision": "int8" if c.index in chosen else "float",
                "error_share": errors[c.index] / total, "rel_mse_alone": errors[c.index],
-               "activation": x, "method": "none" if mode == "weights" else
+               "activation": x, "method": "none" if mode == "weights" or x is None else
                "dynamic" if mode == "dynamic" else method,
-               "act_scale": float(a.scale) if mode == "static" else None,
-               "act_zero_point": int(a.zero_point) if mode == "static" else None,
-               "act_sqnr_db": None if mode == "weights" else
+               "act_scale": float(a.scale) if static else None,
+               "act_zero_point": int(a.zero_point) if static else None,
+               "act_sqnr_db": None if mode == "weights" or x is None else
                q.sqnr_db(observers[x].values(), a.fake(observers[x].values()))}
         if c.weight is not None:
             w = const_array(node.inputs[c.weight]).astype(np.float64)

@@ -139,6 +139,50 @@ def test_tvm_importer_reads_the_quantized_graph(mode):
     assert "main" in [gv.name_hint for gv in mod.get_global_vars()]
 
 
+def test_embeddings_store_the_token_table_int8_per_row():
+    """``embeddings=true``: the Gather table becomes int8 with one scale per row, read through
+    DequantizeLinear(axis=0), weight-only; TVM gathers the int8 rows (``GatherDequantized``):
+    its library holds no float copy of the table and matches onnxruntime on the QDQ graph."""
+    import tvm
+    from tvm import relax
+
+    from edgekit import compiler
+    from edgekit.compiler import pipeline
+    from edgekit.targets import load_target
+    from edgekit.verify import onnx_input_specs
+
+    model = residual_model()
+    samples = load_samples(model, calibration=_ids_calibration())
+    plain, _ = _quant(model, samples)
+    assert not [n for n in plain.graph.node if n.op_type == "Gather"
+                and n.input[0].endswith("_dq")]  # off by default
+    new, run = _quant(model, samples, embeddings=True)
+    gather = next(n for n in new.graph.node if n.op_type == "Gather")
+    dq = next(n for n in new.graph.node if gather.input[0] in n.output)
+    assert dq.op_type == "DequantizeLinear" and dq.attribute[0].i == 0
+    table, scale = _inits(new)[dq.input[0]], _inits(new)[dq.input[1]]
+    assert table.dtype == np.int8 and table.shape == (32, 16) and scale.shape == (32,)
+    assert np.abs(table).max(axis=1).min() == 127  # symmetric, every row's own scale
+    assert any(r["op"] == "Gather" and r["activation"] is None
+               for r in run.report.details["locator"])
+    target = load_target("host")
+    mod = compiler.to_relax(new, onnx_input_specs(new, []), tvm_target=target.tvm_target())
+    lowered, _ = pipeline.prepare(mod, target)
+    consts: list[tuple[str, tuple]] = []
+
+    def tensor_constant(e):
+        if isinstance(e, tvm.ir.expr.Constant) and hasattr(e.value, "numpy"):
+            consts.append((str(e.value.numpy().dtype), e.value.numpy().shape))
+
+    relax.analysis.post_order_visit(lowered["main"], tensor_constant)
+    assert ("int8", (32, 16)) in consts and ("float32", (32, 16)) not in consts
+    vm = relax.VirtualMachine(compiler.build(mod, target), tvm.cpu())
+    for feed in id_samples(3):
+        got = vm["main"](tvm.runtime.tensor(feed["input_ids"])).numpy()
+        ref = run_ort(new, feed)[0]
+        assert np.abs(got - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max())
+
+
 def test_symmetric_int8_activations_and_per_tensor_weights():
     model = residual_model()
     new, run = _quant(model, load_samples(model, calibration=_ids_calibration()),
