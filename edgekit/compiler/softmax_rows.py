@@ -1,11 +1,13 @@
-"""Softmax over a symbolic last axis (attention over ``seq`` keys) as a kernel whose row
-reductions run in vector registers, and its schedule.
+"""Softmax over a symbolic last axis (attention over ``seq`` keys), or over a static one that
+is not whole vectors (ViT's 197 tokens), as a kernel whose row reductions run in vector
+registers, and its schedule (``FastMath`` emits it; ``schedules`` and ``symbolic`` run it).
 
 TOPI's softmax reduces each row with one scalar accumulator: LLVM may not reorder a float
 sum or max, so the loop stays scalar, the polynomial ``exp`` inside it too (measured 4.9x the
-static kernel at 128 keys). A static row is split into vector-wide partial sums by
-``reductions.schedule_rows``; a symbolic one cannot be split without a predicate in the vector
-loop. So the kernel states the split itself, ``P`` lanes, ``n`` keys, ``F = n - n mod P``:
+static kernel at 128 keys). A static row of whole vectors is split into vector-wide partial
+sums by ``reductions.schedule_rows``; these rows cannot be split without a predicate in the
+vector loop. So the kernel states the split itself, ``P`` lanes, ``n`` keys,
+``F = n - n mod P``:
 
     pmax[r, l] = max_{k < n / P} x[r, k P + l]          (l < P: P vector lanes)
     tmax[r]    = max_{t < n - F} x[r, F + t]            (the tail, under P keys)
