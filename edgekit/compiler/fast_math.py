@@ -52,6 +52,7 @@ def _gelu(x):
 # would use one vector of them (softmax_rows)
 _SOFTMAX_PARTS = 16
 
+
 def _lanes() -> int:
     """fp32 lanes of the target in scope (``to_relax`` sets it), else of this CPU."""
     from edgekit.compiler.constant_weights import current_or_host

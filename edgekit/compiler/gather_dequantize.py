@@ -33,7 +33,7 @@ def _dequantized_table(expr, lookup):
     call = lookup(expr) if isinstance(expr, relax.Var) else expr
     if (not isinstance(call, relax.Call) or getattr(call.op, "name", "") != "relax.dequantize"
             or not isinstance(call.args[0], tvm.ir.expr.Constant)
-            or call.args[0].value.numpy().ndim != 2 or int(call.attrs.axis) not in (0, -2)):
+            or len(call.args[0].value.shape) != 2 or int(call.attrs.axis) not in (0, -2)):
         return None
     return call
 
@@ -50,7 +50,7 @@ class _Rewriter(PyExprMutator):
         if name == "relax.shape_of":
             table = _dequantized_table(call.args[0], self.lookup_binding)
             if table is not None:
-                return relax.ShapeExpr(list(table.args[0].value.numpy().shape))
+                return relax.ShapeExpr([int(d) for d in table.args[0].value.shape])
             return call
         if name != "relax.take" or int(call.attrs.axis) != 0:
             return call
@@ -67,7 +67,7 @@ class _Rewriter(PyExprMutator):
     def _per_row(self, param, ids):
         """``param[ids]`` as a float column to broadcast over a row (a scalar as is)."""
         value = relax.op.astype(param, "float32")
-        if param.value.numpy().ndim == 0:
+        if len(param.value.shape) == 0:
             return value
         return relax.op.expand_dims(relax.op.take(value, ids, axis=0, mode="clip"), -1)
 

@@ -50,6 +50,13 @@ class Machine:
     caches_from: str  # "sysfs" or "table:<cpu>" / "defaults:<arch>"
 
 
+def cores(tvm_target: Any) -> int:
+    """Threads the kernels of ``tvm_target`` are scheduled for: its ``num-cores``, else
+    several (2), as TVM's runtime assumes. The default schedules and the passes that size
+    tiles ahead of them (``matmul_layout``) read it here, so both get the same tiles."""
+    return int(tvm_target.attrs.get("num-cores", 0) or 0) or 2
+
+
 def _features(tvm_target: Any) -> frozenset[str]:
     from edgekit.compiler.int8_intrin import cpu_features
 

@@ -43,6 +43,7 @@ from edgekit.compiler.constant_weights import (
     current_or_host,
     rewrite_functions,
 )
+from edgekit.compiler.symbolic import TILE_ROWS, const
 
 MATMUL = "edgekit_matmul_packed"  # kernel name hint of a packed-weight matmul
 OUT = "edgekit_matmul_rows"  # its output: the first M of the padded rows
@@ -62,7 +63,7 @@ def _matmul_te(x, wp, mr: int, n: int):
 
     *batch, m, k_ext = x.shape
     panels, _, panel = (int(d) for d in wp.shape)
-    static = _static(m)
+    static = const(m)
     if static is not None and static % mr == 0:
         padded, clamp = static, False
     else:
@@ -78,11 +79,6 @@ def _matmul_te(x, wp, mr: int, n: int):
                            * wp[ax[-1] // panel, k, ax[-1] % panel], axis=k),
         name=MATMUL)
     return te.compute((*batch, m, n), lambda *ax: acc[ax], name=OUT)
-
-
-def _static(d) -> int | None:
-    value = getattr(d, "value", None)
-    return int(value) if isinstance(value, int) else None
 
 
 @expr_functor.mutator
@@ -101,18 +97,17 @@ class _Rewriter(PyExprMutator):
 
     def _matmul(self, call, x, w):
         from edgekit.compiler.cache_blocking import matmul_tiles
-        from edgekit.compiler.symbolic import TILE_ROWS
 
         shape = getattr(getattr(x.ty, "shape", None), "values", None)
         if (shape is None or len(shape) < 2 or str(getattr(x.ty, "dtype", "")) != "float32"
                 or str(call.attrs.out_dtype) not in ("", "None", "void", "float32")):
             return None
-        k = _static(shape[-1])
+        k = const(shape[-1])
         weights = None if k is None else constant_value(w, self.lookup_binding)
         if (weights is None or weights.ndim != 2 or weights.dtype != np.float32
                 or weights.shape[0] != k):
             return None
-        rows = _static(shape[-2])
+        rows = const(shape[-2])
         tiles = matmul_tiles(TILE_ROWS if rows is None else rows, k, weights.shape[1],
                              self.cpu, self.cores)
         if not tiles.blocked:
@@ -138,7 +133,5 @@ class PackMatmulWeights:
         target = self.target or current_or_host()
         if target.kind.name != "llvm":  # GPUs keep the matmul op for their own scheduler
             return mod
-        # the core count apply_default schedules for (unknown: several, as TVM's runtime)
-        cores = int(target.attrs.get("num-cores", 0) or 0) or 2
-        rewriter = _Rewriter(mod, machine.describe(target), cores)
+        rewriter = _Rewriter(mod, machine.describe(target), machine.cores(target))
         return rewrite_functions(rewriter, mod)

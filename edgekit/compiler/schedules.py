@@ -172,7 +172,8 @@ def _schedule_block(sch, info, cores: int) -> bool:
 
 
 def _row_kernel(sch, infos, cores: int, lanes: int) -> bool:
-    """Softmax / norm kernels: ``reductions.schedule_rows``; parallel from
+    """Softmax / norm kernels: ``softmax_rows`` for its kernel (a softmax row that is not
+    whole vectors), else ``reductions.schedule_rows``; parallel from
     ``_MIN_PARALLEL_ROWS_WORK`` elements x blocks."""
     extents = [_const(d) for d in infos[-1].dom()]
     if any(e is None for e in extents):
@@ -180,8 +181,9 @@ def _row_kernel(sch, infos, cores: int, lanes: int) -> bool:
     work = len(infos)
     for e in extents:
         work *= e
-    return reductions.schedule_rows(sch, infos, cores > 1 and work >= _MIN_PARALLEL_ROWS_WORK,
-                                    lanes)
+    parallel = cores > 1 and work >= _MIN_PARALLEL_ROWS_WORK
+    return (softmax_rows.schedule(sch, parallel)
+            or reductions.schedule_rows(sch, infos, parallel, lanes))
 
 
 def schedule_func(func, cores: int, lanes: int = 4, cpu=None):
@@ -201,11 +203,6 @@ def schedule_func(func, cores: int, lanes: int = 4, cpu=None):
         return None
     if symbolic.has_symbolic_extent(infos):  # variable-length kernels: their own rules
         return symbolic.schedule(sch, infos, cores, lanes, cpu)
-    work = len(infos)
-    for d in infos[-1].dom():
-        work *= _const(d) or 1
-    if softmax_rows.schedule(sch, cores > 1 and work >= _MIN_PARALLEL_ROWS_WORK):
-        return sch.mod["main"]  # a softmax row that is not whole vectors (softmax_rows)
     snapshot = sch.copy()
     try:
         if _row_kernel(sch, infos, cores, lanes):
@@ -243,8 +240,7 @@ def apply_default(mod, tvm_target) -> tuple[Any, int]:
 
     if tvm_target.kind.name != "llvm":
         return mod, 0
-    # Unknown core count (no "num-cores" in the target): assume several, as TVM's runtime does.
-    cores = int(tvm_target.attrs.get("num-cores", 0) or 0) or 2
+    cores = machine.cores(tvm_target)
     lanes = reductions.vector_lanes(tvm_target)
     cpu = machine.describe(tvm_target)
     out = mod.clone()

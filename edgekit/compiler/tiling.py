@@ -66,6 +66,14 @@ def _group_size(sch, block, axis: int, n: int) -> int | None:
     return min(sizes) if sizes else None
 
 
+def _panel_index(var: str, op: str, index: str) -> bool:
+    """Whether ``index`` (a printed TIR index) is ``var // B`` or ``var % B`` (``op``) for a
+    constant ``B``: how a weight packed by ``matmul_layout`` is read, ``Wp[j // B, k, j % B]``."""
+    import re
+
+    return re.fullmatch(rf"{var} {op} T\.int(32|64)\(\d+\)", index) is not None
+
+
 def contiguous_in_a_read(sch, block, axis: int) -> bool:
     """Whether vectors along iteration variable ``axis`` are plain loads: some buffer the block
     reads is indexed last by it (matmul ``B[k, j]``, conv weights ``W[.., o]``) and no buffer
@@ -76,14 +84,13 @@ def contiguous_in_a_read(sch, block, axis: int) -> bool:
     stmt = sch.get(block)
     var = stmt.iter_vars[axis].var
     uses = re.compile(rf"\b{var.name}\b")
-    packed = [re.compile(rf"{var.name} {op} T\.int(32|64)\(\d+\)") for op in ("//", "%")]
     last = False
     for r in stmt.reads:
         if not len(r.region):
             continue
         mins = [str(rng.min) for rng in r.region]
-        if packed[1].fullmatch(mins[-1]) and all(
-                packed[0].fullmatch(m) or not uses.search(m) for m in mins[:-1]):
+        if _panel_index(var.name, "%", mins[-1]) and all(
+                _panel_index(var.name, "//", m) or not uses.search(m) for m in mins[:-1]):
             last = True  # panels packed by matmul_layout: Wp[j // B, k, j % B]
             continue
         if any(uses.search(str(rng.min)) for rng in list(r.region)[:-1]):
@@ -198,8 +205,8 @@ def _matmul_operands(sch, block, kinds: str) -> tuple[int, int, bool] | None:
         if j.fullmatch(mins[-1]) and k.fullmatch(mins[-2]) and b is None:
             b = index
         elif (len(mins) == 3 and b is None and k.fullmatch(mins[1])
-              and re.fullmatch(rf"{j.pattern} // T\.int(32|64)\(\d+\)", mins[0])
-              and re.fullmatch(rf"{j.pattern} % T\.int(32|64)\(\d+\)", mins[2])):
+              and _panel_index(names[-2], "//", mins[0])
+              and _panel_index(names[-2], "%", mins[2])):
             b, packed = index, True
         elif (k.fullmatch(mins[-1]) and a is None and (
                 i.fullmatch(mins[-2]) or re.fullmatch(rf"T\.min\({i.pattern}, .*\)", mins[-2]))):

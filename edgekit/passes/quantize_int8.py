@@ -81,7 +81,7 @@ def _candidate(i: int, node: ir.Node, attention: bool) -> Candidate | str:
         if table is None or table.ndim != 2:
             return "its table is not a constant 2-D tensor"
         if attr(node, "axis", 0) != 0:
-            return "a Gather along axis 1"
+            return f"a Gather along axis {attr(node, 'axis', 0)}, not the table's rows"
         if const_array(node.inputs[1]) is not None:
             return "its indices are constants (fold-constants first)"
         return Candidate(i, node.name, op, (), 0, 0)
