@@ -9,8 +9,9 @@ per-channel, +reparam (RepQ-ViT LayerNorm scales), +smooth (SmoothQuant α), +mi
   graph and of the edgekit int8 artifact (``api.compile`` of that graph: whatever the TVM
   lowering makes of it, checked against onnxruntime on the way);
 * size: the ONNX file and the artifact's ``.so``, each against its fp32 counterpart;
-* latency medians, every engine of one model interleaved call by call (one round calls each
-  once, so load changes on the machine hit all alike), ``--threads`` threads each: edgekit
+* latency medians, every engine of one model interleaved in blocks (``perf.interleaved_medians``:
+  load changes on the machine hit all alike, spinning pools of the engine before do not),
+  ``--threads`` threads each: edgekit
   int8 and fp32 artifacts, onnxruntime on the same QDQ graph and on fp32, and onnxruntime's own
   quantizers as peers: ``quantize_dynamic`` (defaults; per-channel QUInt8 weights) and
   ``quantize_static`` (defaults, QDQ, MinMax, after ``quant_pre_process``).
@@ -31,7 +32,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -40,6 +40,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 import quantize_data as data  # noqa: E402 - beside this script
+from perf import interleaved_medians  # noqa: E402
 
 from edgekit import api, runtime  # noqa: E402
 from edgekit.artifact import LIBRARY  # noqa: E402
@@ -143,16 +144,13 @@ def accuracy(case: data.Case, engine: Engine) -> dict[str, float]:
     return case.score(np.concatenate([engine.run(x) for x in case.held_out]))
 
 
-def interleaved(engines: dict[str, Engine], repeat: int, warmup: int = 5) -> dict[str, float]:
-    """Median ms per engine, one call of each per round."""
-    times: dict[str, list[float]] = {k: [] for k in engines}
-    for i in range(warmup + repeat):
-        for key, engine in engines.items():
-            start = time.perf_counter()
-            engine.timed()
-            if i >= warmup:
-                times[key].append((time.perf_counter() - start) * 1e3)
-    return {k: float(np.median(t)) for k, t in times.items()}
+def interleaved(engines: dict[str, Engine], repeat: int) -> dict[str, float]:
+    """Median ms per engine: ``perf.interleaved_medians``, blocks of calls with two untimed
+    ones after each switch (onnxruntime's pool keeps spinning after a call and, with 2
+    threads on 2 cores, slowed whatever ran next: call-by-call interleaving measured the
+    edgekit fp32 MiniLM at 68 ms with 2 threads against 25 ms with 1)."""
+    return interleaved_medians({k: e.timed for k, e in engines.items()}, repeat,
+                               rounds=min(5, repeat))
 
 
 def bench_model(case: data.Case, plans: dict[str, str], args, work: Path) -> list[dict]:
@@ -300,7 +298,8 @@ def main() -> int:
                 raise SystemExit(f"unknown setting {name!r} (settings: {', '.join(known)})")
             plans[name] = passes if sep else known[name]
     runtime.set_threads(args.threads)  # TVM's pool; each onnxruntime session gets the same
-    print(f"{args.threads} threads; medians of {args.repeat} interleaved rounds", flush=True)
+    print(f"{args.threads} threads; medians of {args.repeat} calls per engine, interleaved",
+          flush=True)
     everything: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="edgekit-quantize-") as tmp:
         for make in cases(args):

@@ -199,6 +199,60 @@ def test_avx2_kernel_is_tensorized_to_vpmaddwd(case):
     assert "vpmaddwd" in asm
 
 
+def _seven_bit(shape, conv: dict | None = None, seed=0) -> np.ndarray:
+    """Weights in [-64, 64] (``reduce_range``'s 7 bits and the pair bound's edge), with the
+    worst pairs of input channels in output 0: both +64, and -64 next."""
+    w = np.random.default_rng(seed).integers(-64, 65, shape).astype(np.int8)
+    if conv is None:
+        w[:2, 0], w[2:4, 0] = 64, -64
+    elif conv.get("kernel_layout", "OIHW") == "OIHW":
+        w[0, :2, 0, 0], w[0, 2:4, 0, 0] = 64, -64
+    else:  # HWIO
+        w[0, 0, :2, 0], w[0, 0, 2:4, 0] = 64, -64
+    return w
+
+
+def test_fits_u8s8_is_the_int16_pair_bound():
+    fits = int8_intrin.fits_u8s8
+    assert fits(np.array([[64], [64]], np.int8)) and fits(np.array([[-64], [-64]], np.int8))
+    assert fits(np.array([[127], [-127]], np.int8))  # opposite signs never saturate
+    assert fits(np.array([[127], [1]], np.int8))  # 255 * 128 = 32640
+    assert not fits(np.array([[127], [2]], np.int8))  # 255 * 129 = 32895
+    assert not fits(np.array([[-100], [-29]], np.int8))  # 255 * -129 < -32768
+    assert fits(np.array([[0], [127], [1]], np.int8))  # pairs are rows (0, 1), (2, pad)
+    assert not fits(_weights((64, 8)))  # full-range weights keep vpmaddwd
+    host = load_target("x86-64-v3").tvm_target()
+    assert int8_intrin.runs_on(int8_intrin.AVX2_U8S8, host)
+    assert not int8_intrin.runs_on(int8_intrin.AVX2_U8S8, load_target(CASCADELAKE).tvm_target())
+
+
+@pytest.mark.parametrize("case", ["minilm-64x384x384", "m7-odd-k-n21", "uint8-batched-k6",
+                                  "conv1x1-nchw", "conv3x3-c3-s2-nhwc-uint8"])
+def test_seven_bit_weights_take_vpmaddubsw_and_stay_exact(case, host):
+    """Weights that fit the int16 pair sums: the u8 x s8 layout, exact at the saturation edge
+    (activations 255 / -128 against pairs of +-64)."""
+    x_shape, dtype, w_shape, conv = CASES[case]
+    w = _seven_bit(w_shape, conv)
+    mod, bias = _module(x_shape, dtype, w, conv)
+    v3 = load_target("x86-64-v3").tvm_target()
+    consts = [c.value.numpy() for c in _constants(Int8Kernels(v3)(mod)["main"])]
+    assert any(c.dtype == np.int8 and c.ndim == 4 and c.shape[2:] == (8, 4) for c in consts)
+    for x in (_inputs(x_shape, dtype, seed=3),
+              np.full(x_shape, 255 if dtype == "uint8" else -128, dtype)):
+        np.testing.assert_array_equal(_run(mod, host, x), _reference(x, w, conv, bias))
+
+
+def test_u8s8_kernel_is_tensorized_to_vpmaddubsw():
+    target = load_target("x86-64-v3")
+    x_shape, dtype, w_shape, conv = CASES["conv3x3-nchw-pad1"]
+    mod, _ = _module(x_shape, dtype, _seven_bit(w_shape, conv), conv)
+    scheduled, info = pipeline.prepare(Int8Kernels(target.tvm_target())(mod), target)
+    assert info["default_schedules"] == info["kernels"] == 1
+    asm = tvm.compile(scheduled, target=target.tvm_target()).mod.imports[0].inspect_source(
+        "asm")
+    assert "vpmaddubsw" in asm and "vpmaddwd" in asm
+
+
 CASCADELAKE = '{"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "cascadelake"}'
 
 

@@ -15,6 +15,14 @@ with ``colsum[n] = sum_k W[k, n]`` folded into a constant (``shift`` 0 when ``x`
   added into 8 int32 lanes: ``c = 8, g = 2``, activations int16, weights sign-extended from
   int8 on load (``vpmovsxbw``). ``|a w| <= 255 * 128``: a pair sum never saturates (unlike
   u8 x s8 ``vpmaddubsw``, whose int16 pair sum can).
+- ``avx2_u8s8`` (AVX2, for weights whose pairs cannot saturate): ``vpmaddubsw`` multiplies 32
+  u8 x s8 bytes and adds adjacent pairs into 16 int16 lanes with saturation, ``vpmaddwd`` by
+  ones adds those pairs into 8 int32 lanes: ``c = 8, g = 4``, activations uint8, twice the
+  products per instruction of ``avx2``. Used per kernel where every pair of consecutive
+  weights ``(w[2i], w[2i+1])`` of a column keeps ``255 * (sum of its positive weights) <=
+  32767`` and ``255 * (sum of its negative ones) >= -32768`` (``fits_u8s8``; always true for
+  7-bit weights, ``|w| <= 64``, what ``quantize-int8:reduce_range=true`` writes), so no pair
+  sum saturates for any uint8 activation and the result stays exact.
 - ``sdot`` (aarch64 with the dot-product extension): ``sdot`` s8 x s8, 4 lanes of 4 products:
   ``c = 4, g = 4``, activations int8 (uint8 ones shifted by -128).
 - ``plain`` (any other CPU): the ``avx2`` layout as a plain loop nest that LLVM vectorizes
@@ -28,6 +36,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -54,9 +64,12 @@ class Layout:
 # (16 ymm on AVX2: 12 accumulators spilled one to the stack; 32 zmm / 32 NEON q registers).
 VNNI = Layout("vnni", 16, 4, "uint8", 24, "edgekit_avx512_vpdpbusd_16x4")
 AVX2 = Layout("avx2", 8, 2, "int16", 10, "edgekit_avx2_pmaddwd_8x2")
+AVX2_U8S8 = Layout("avx2_u8s8", 8, 4, "uint8", 10, "edgekit_avx2_pmaddubsw_8x4")
 SDOT = Layout("sdot", 4, 4, "int8", 24, "edgekit_neon_sdot_4x4")
 PLAIN = Layout("plain", 8, 2, "int16", 10, None)
-LAYOUTS = (VNNI, AVX2, SDOT, PLAIN)
+LAYOUTS = (VNNI, AVX2, AVX2_U8S8, SDOT, PLAIN)
+# a faster layout a target may use for the kernels whose weights fit it (``for_weights``)
+_NARROWER = {AVX2: AVX2_U8S8}
 
 
 def cpu_features(tvm_target) -> frozenset[str]:
@@ -78,6 +91,33 @@ def choose(tvm_target) -> Layout:
     if {"avx512vnni", "avx512bw", "avx512f"} <= features:
         return VNNI
     return AVX2 if "avx2" in features else PLAIN
+
+
+def fits_u8s8(matrix: np.ndarray) -> bool:
+    """Whether ``vpmaddubsw`` is exact on ``W[K, N]`` for all uint8 activations: no int16 sum
+    of a pair ``(W[2i, n], W[2i+1, n])`` times values in [0, 255] leaves [-32768, 32767]."""
+    w = matrix.astype(np.int32)
+    if w.shape[0] % 2:
+        w = np.concatenate([w, np.zeros((1, w.shape[1]), np.int32)])
+    pairs = w.reshape(-1, 2, w.shape[1])
+    high = np.clip(pairs, 0, None).sum(axis=1).max(initial=0) * 255
+    low = np.clip(pairs, None, 0).sum(axis=1).min(initial=0) * 255
+    return bool(high <= 32767 and low >= -32768)
+
+
+def for_weights(layout: Layout, matrix: np.ndarray) -> Layout:
+    """The target's ``layout``, or the faster one it also runs where ``matrix`` (``W[K, N]``,
+    rows in the order the kernel reads them) fits that one exactly."""
+    narrow = _NARROWER.get(layout)
+    return narrow if narrow is not None and fits_u8s8(matrix) else layout
+
+
+def runs_on(layout: Layout, tvm_target) -> bool:
+    """Whether ``tvm_target`` has ``layout``'s instruction (else: plain loops, still exact)."""
+    if layout.intrin is None:
+        return False
+    native = choose(tvm_target)
+    return layout is native or layout is _NARROWER.get(native)
 
 
 def register(layout: Layout) -> None:
@@ -108,7 +148,17 @@ def _funcs(layout: Layout) -> tuple[Any, Any]:
                     vi, vt = T.axis.remap("SR", [i, t])
                     c[vi] = c[vi] + T.cast(a[vt], "int32") * T.cast(b[vi, vt], "int32")
 
-    if layout.isa == "avx2":
+    if layout.isa == "avx2_u8s8":
+        def compute(a, b, acc):
+            quad = T.reinterpret(a.vload([0], "uint8x4"), dtype="int32")  # vpbroadcastd
+            a8 = T.reinterpret(T.broadcast(quad, 8), dtype="uint8x32")
+            pairs = T.call_llvm_pure_intrin(  # u8 x s8, adjacent pairs summed into int16
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"), a8,
+                b.vload([0, 0], "int8x32"), dtype="int16x16")
+            return acc + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), pairs,
+                T.broadcast(T.int16(1), 16), dtype="int32x8")
+    elif layout.isa == "avx2":
         def compute(a, b, acc):
             pair = T.reinterpret(a.vload([0], "int16x2"), dtype="int32")  # vpbroadcastd
             a16 = T.reinterpret(T.broadcast(pair, 8), dtype="int16x16")

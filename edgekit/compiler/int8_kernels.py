@@ -14,7 +14,8 @@ Output: ``R.call_tir`` of one kernel with two blocks (matmul form shown),
     out[..., m, n] = sum_{k < Kp} a[..., m, k] * Wp[n // c, k // g, n % c, k % g]  (``GEMM``)
 
 ``Wp`` (NumPy, ``pack_weights``), ``a_dtype`` and ``shift`` are those of the target's
-instruction (``int8_intrin.Layout``). A non-zero shift is undone by an int32
+instruction (``int8_intrin.Layout``; per kernel, a faster one the target also runs where the
+weights fit it exactly: ``int8_intrin.for_weights``). A non-zero shift is undone by an int32
 ``- shift * colsum(W)`` after the call; ``N`` not a multiple of the panel width ``c``: the
 kernel computes the zero-padded columns and a ``strided_slice`` cuts them off. Both are
 elementwise/injective, so FuseOps fuses them with the float epilogue (astype, scale, bias)
@@ -159,10 +160,11 @@ class _Rewriter(PyExprMutator):
             self.layout = int8_intrin.choose(self.target or current_or_host())
         return self.layout
 
-    def _finish(self, y, x_dtype: str, matrix: np.ndarray, cols: int, axis: int = -1):
+    def _finish(self, y, layout: Layout, x_dtype: str, matrix: np.ndarray, cols: int,
+                axis: int = -1):
         """Compensation of the activation shift, then the padding columns (output channels
         along ``axis``) cut off; FuseOps fuses both with the epilogue."""
-        shift, n = self.layout.shift(x_dtype), matrix.shape[1]
+        shift, n = layout.shift(x_dtype), matrix.shape[1]
         ndim = len(y.ty.shape.values)
         axis %= ndim
         if shift:  # sum (x + shift) w - shift sum w
@@ -175,14 +177,14 @@ class _Rewriter(PyExprMutator):
         return relax.op.strided_slice(y, [axis], [0], [n])
 
     def _gemm(self, x, matrix: np.ndarray):
-        layout = self._layout()
+        layout = int8_intrin.for_weights(self._layout(), matrix)
         k = matrix.shape[0]
         wp = pack_weights(matrix, layout)
         cols = wp.shape[0] * layout.cols  # whole panels: the tiles need no column tail
         y = self.builder_.emit(self.builder_.call_te(
             lambda a, b: _gemm_te(a, b, k, cols, layout), x, relax.const(wp),
             primfunc_name_hint=GEMM))
-        return self._finish(y, str(x.ty.dtype), matrix, cols)
+        return self._finish(y, layout, str(x.ty.dtype), matrix, cols)
 
     def _matmul(self, x, w):
         weight = w.value.numpy()
@@ -212,17 +214,23 @@ class _Rewriter(PyExprMutator):
         the layout's group), reading the padded activations in place (no im2col)."""
         layout = self._layout()
         kh, kw, c, o = hwio.shape
+
+        def gemm_matrix(group: int) -> np.ndarray:  # channels zero-padded to the group
+            cp = -(-c // group) * group
+            padded = np.zeros((kh, kw, cp, o), np.int8)
+            padded[:, :, :c] = hwio
+            return padded.reshape(kh * kw * cp, o)
+
+        layout = int8_intrin.for_weights(layout, gemm_matrix(4))  # pairs of both layouts
         cp = -(-c // layout.group) * layout.group
-        padded = np.zeros((kh, kw, cp, o), np.int8)
-        padded[:, :, :c] = hwio
-        matrix = padded.reshape(kh * kw * cp, o)
+        matrix = gemm_matrix(layout.group)
         wp = pack_weights(matrix, layout)
         cols = wp.shape[0] * layout.cols
         y = self.builder_.emit(self.builder_.call_te(
             lambda a, b: _conv_te(a, b, layout, cols, cp, (kh, kw), strides, dilation,
                                   padding, nchw), x, relax.const(wp),
             primfunc_name_hint=GEMM))
-        return self._finish(y, str(x.ty.dtype), matrix, cols, 1 if nchw else 3)
+        return self._finish(y, layout, str(x.ty.dtype), matrix, cols, 1 if nchw else 3)
 
 
 @tvm.transform.module_pass(opt_level=0, name="edgekit.Int8Kernels")

@@ -70,10 +70,9 @@ def _kernel_layout(sch, gemm, tvm_target):
     a_dtype = next(str(b.dtype) for b in buffers if str(b.name).startswith(PACK))
     cols, group = (int(d) for d in next(b.shape[2:] for b in buffers
                                          if not str(b.name).startswith(PACK)))
-    target = int8_intrin.choose(tvm_target)
-    for layout in (target, *int8_intrin.LAYOUTS):
+    for layout in int8_intrin.LAYOUTS:
         if (layout.cols, layout.group, layout.a_dtype) == (cols, group, a_dtype):
-            return layout, layout is target and layout.intrin is not None
+            return layout, int8_intrin.runs_on(layout, tvm_target)
     return None, False
 
 
@@ -129,9 +128,11 @@ def _schedule(sch, tvm_target, cores: int) -> Any:
             sch.vectorize(ni)
     sch.unroll(ri)
     sch.unroll(nv)
-    for blk in (init, write):
-        with contextlib.suppress(Exception):
-            sch.vectorize(sch.get_loops(blk)[-1])
+    with contextlib.suppress(Exception):
+        sch.vectorize(sch.get_loops(init)[-1])
+    with contextlib.suppress(Exception):  # one register of lanes: a long float epilogue
+        _, lanes = sch.split(sch.get_loops(write)[-1], [None, layout.cols])  # spills wider
+        sch.vectorize(lanes)
     return sch.mod["main"]
 
 
