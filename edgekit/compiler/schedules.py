@@ -10,6 +10,8 @@ unscheduled kernel:
 - a reduction whose innermost output axis is at least one vector wide (matmul columns,
   NHWC conv output channels; ``channels_last`` puts convs in NHWC) gets the register-tiled
   micro-kernel of ``edgekit.compiler.tiling``; every other block gets the rule below;
+- an elementwise block whose innermost axis is a concatenation or a channel shuffle gets
+  ``edgekit.compiler.pieces`` (segments / shuffle lanes unrolled instead of vectors);
 - reorders loops as [spatial..., reduction..., innermost spatial] so the innermost loop is a
   contiguous spatial one (output column / feature), splits it by the vector width (a
   non-multiple width gets a masked last vector) and vectorizes it; for a matmul this is the
@@ -41,6 +43,7 @@ from edgekit.compiler import (
     half,
     int8_schedule,
     machine,
+    pieces,
     reductions,
     softmax_rows,
     symbolic,
@@ -213,7 +216,10 @@ def schedule_func(func, cores: int, lanes: int = 4, cpu=None):
     infos = normalize_prim_func(sch)
     done = 0
     for info in infos:
-        for rule in (functools.partial(_tile, cpu=cpu), _schedule_block):
+        rules = (functools.partial(_tile, cpu=cpu),
+                 functools.partial(pieces.schedule, min_parallel_work=_MIN_PARALLEL_WORK),
+                 _schedule_block)
+        for rule in rules:
             snapshot = sch.copy()
             try:
                 if rule(sch, info, cores):
