@@ -11,7 +11,9 @@ unscheduled kernel:
   NHWC conv output channels; ``channels_last`` puts convs in NHWC) gets the register-tiled
   micro-kernel of ``edgekit.compiler.tiling``; every other block gets the rule below;
 - an elementwise block whose innermost axis is a concatenation or a channel shuffle gets
-  ``edgekit.compiler.pieces`` (segments / shuffle lanes unrolled instead of vectors);
+  ``edgekit.compiler.pieces`` (segments / shuffle lanes unrolled instead of vectors), one
+  that reads an input transposed ``edgekit.compiler.transposes`` (the input's contiguous
+  axis looped next to the output's);
 - reorders loops as [spatial..., reduction..., innermost spatial] so the innermost loop is a
   contiguous spatial one (output column / feature), splits it by the vector width (a
   non-multiple width gets a masked last vector) and vectorizes it; for a matmul this is the
@@ -48,6 +50,7 @@ from edgekit.compiler import (
     softmax_rows,
     symbolic,
     tiling,
+    transposes,
 )
 
 # The PrimFunc attribute that marks a kernel as scheduled (by a tuning record or by this rule):
@@ -218,6 +221,7 @@ def schedule_func(func, cores: int, lanes: int = 4, cpu=None):
     for info in infos:
         rules = (functools.partial(_tile, cpu=cpu),
                  functools.partial(pieces.schedule, min_parallel_work=_MIN_PARALLEL_WORK),
+                 functools.partial(transposes.schedule, min_parallel_work=_MIN_PARALLEL_WORK),
                  _schedule_block)
         for rule in rules:
             snapshot = sch.copy()
