@@ -221,7 +221,8 @@ class _Rewriter(PyExprMutator):
             padded[:, :, :c] = hwio
             return padded.reshape(kh * kw * cp, o)
 
-        layout = int8_intrin.for_weights(layout, gemm_matrix(4))  # pairs of both layouts
+        # checked in the faster layout's rows: its pairs are the target layout's pairs too
+        layout = int8_intrin.for_weights(layout, gemm_matrix(int8_intrin.AVX2_U8S8.group))
         cp = -(-c // layout.group) * layout.group
         matrix = gemm_matrix(layout.group)
         wp = pack_weights(matrix, layout)

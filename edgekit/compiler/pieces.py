@@ -27,15 +27,9 @@ from __future__ import annotations
 import contextlib
 import math
 
+from edgekit.compiler.symbolic import const
+
 _MAX_COPIES = 16  # unrolled copies of the loop body (code size)
-
-
-def _constant(expr) -> int | None:
-    from tvm import tirx
-
-    if isinstance(expr, int):
-        return expr
-    return int(expr.value) if isinstance(expr, tirx.IntImm) else None
 
 
 def pieces(body, var) -> tuple[set[int], set[int]]:
@@ -51,14 +45,14 @@ def pieces(body, var) -> tuple[set[int], set[int]]:
 
     def visit(node) -> None:
         if isinstance(node, tirx.FloorDiv | tirx.FloorMod | tirx.Div | tirx.Mod):
-            k = _constant(node.b)
+            k = const(node.b)
             if k is not None and uses(node.a):
                 divisors.add(k)
         elif isinstance(node, tirx.LT | tirx.LE | tirx.GT | tirx.GE):
             # the first v where the comparison changes: v < b, v >= b, b <= v, b > v at b;
             # v <= b, v > b, b < v, b >= v at b + 1
             for var_left, side, other in ((True, node.a, node.b), (False, node.b, node.a)):
-                b = _constant(other)
+                b = const(other)
                 if isinstance(side, tirx.Var) and side.same_as(var) and b is not None:
                     after = isinstance(node, tirx.LE | tirx.GT) == var_left
                     bounds.add(b + 1 if after else b)
@@ -95,11 +89,11 @@ def schedule(sch, info, cores: int, min_parallel_work: int) -> bool:
     when its innermost axis is no concatenation or shuffle."""
     kinds = info.dom_kind()
     loops = sch.get_loops(info.block_rv)
-    extents = [_constant(d) for d in info.dom()]
+    extents = [const(d) for d in info.dom()]
     if set(kinds) != {"S"} or any(e is None for e in extents) or extents[-1] < 2:
         return False
     n = extents[-1]
-    if _constant(sch.get(loops[-1]).extent) != n:  # the innermost loop is not the axis
+    if const(sch.get(loops[-1]).extent) != n:  # the innermost loop is not the axis
         return False
     block = sch.get(info.block_rv)
     divisors, bounds = pieces(block.body, block.iter_vars[-1].var)

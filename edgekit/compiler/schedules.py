@@ -71,11 +71,6 @@ _MIN_PARALLEL_ROWS_WORK = 1 << 19
 _MAX_INLINE_TEXT = 6000
 
 
-def _const(expr: Any) -> int | None:
-    value = getattr(expr, "value", expr)
-    return int(value) if isinstance(value, int) else None
-
-
 def _inline_epilogues(sch, infos) -> None:
     """compute_inline spatial blocks whose consumers are all spatial (not padding before a
     reduction, not an output)."""
@@ -102,7 +97,7 @@ def _tile(sch, info, cores: int, cpu=None) -> bool:
     """Matmul / NHWC conv (a reduction with a wide innermost output axis): register tiles;
     a matmul, with ``cpu`` (``machine.Machine``), tiles and cache blocks sized for it."""
     kinds = info.dom_kind()
-    extents = [_const(d) for d in info.dom()]
+    extents = [symbolic.const(d) for d in info.dom()]
     if len(sch.get_loops(info.block_rv)) != len(kinds) or any(e is None for e in extents):
         return False
     work = 1
@@ -120,7 +115,7 @@ def _schedule_block(sch, info, cores: int) -> bool:
     kinds = info.dom_kind()
     if len(loops) != len(kinds) or "O" in kinds or "S" not in kinds:
         return False
-    extents = [_const(d) for d in info.dom()]
+    extents = [symbolic.const(d) for d in info.dom()]
     if any(e is None for e in extents):
         return False
     spatial = [lp for lp, k in zip(loops, kinds, strict=True) if k == "S"]
@@ -177,11 +172,17 @@ def _schedule_block(sch, info, cores: int) -> bool:
     return True
 
 
+def _transposed(sch, info, cores: int) -> bool:
+    """An elementwise block reading an input transposed: ``transposes.reorder``, then the
+    generic rule over the new loop order."""
+    return transposes.reorder(sch, info) and _schedule_block(sch, info, cores)
+
+
 def _row_kernel(sch, infos, cores: int, lanes: int) -> bool:
     """Softmax / norm kernels: ``softmax_rows`` for its kernel (a softmax row that is not
     whole vectors), else ``reductions.schedule_rows``; parallel from
     ``_MIN_PARALLEL_ROWS_WORK`` elements x blocks."""
-    extents = [_const(d) for d in infos[-1].dom()]
+    extents = [symbolic.const(d) for d in infos[-1].dom()]
     if any(e is None for e in extents):
         return False
     work = len(infos)
@@ -221,7 +222,7 @@ def schedule_func(func, cores: int, lanes: int = 4, cpu=None):
     for info in infos:
         rules = (functools.partial(_tile, cpu=cpu),
                  functools.partial(pieces.schedule, min_parallel_work=_MIN_PARALLEL_WORK),
-                 functools.partial(transposes.schedule, min_parallel_work=_MIN_PARALLEL_WORK),
+                 _transposed,
                  _schedule_block)
         for rule in rules:
             snapshot = sch.copy()

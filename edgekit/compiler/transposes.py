@@ -11,23 +11,15 @@ output rows: 0.24 ms, the same elements in another order.
 
 Rule: in an elementwise block, take the largest input whose innermost index is one loop
 variable ``u`` that is neither the output's innermost loop ``v`` nor the loop right outside
-it; move ``u``'s loop to just outside ``v``'s, vectorize ``v`` (a masked last vector when no
-width divides it) and run the fused outer loops in parallel from ``~1M`` elements.
+it; move ``u``'s loop to just outside ``v``'s (``reorder``). ``schedules`` then vectorizes
+``v`` and runs the outer loops in parallel by its generic rule.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 
-_VECTOR = (16, 8, 4)
-
-
-def _extent(sch, loop) -> int | None:
-    from tvm import tirx
-
-    extent = sch.get(loop).extent
-    return int(extent.value) if isinstance(extent, tirx.IntImm) else None
+from edgekit.compiler.symbolic import const
 
 
 def _transposed_axis(sch, info) -> int | None:
@@ -48,32 +40,20 @@ def _transposed_axis(sch, info) -> int | None:
     return best
 
 
-def schedule(sch, info, cores: int, min_parallel_work: int) -> bool:
-    """Schedule one elementwise block as the module docstring says; False (nothing changed)
-    when it reads no input transposed."""
+def reorder(sch, info) -> bool:
+    """Move the loop over a transposed input's contiguous axis next to the innermost loop, as
+    the module docstring says; False (nothing changed) when no input is read transposed."""
     if set(info.dom_kind()) != {"S"}:
         return False
     loops = sch.get_loops(info.block_rv)
-    extents = [_extent(sch, lp) for lp in loops]
     block = sch.get(info.block_rv)
-    if (len(loops) != len(block.iter_vars) or any(e is None for e in extents)
-            or [int(iv.dom.extent) for iv in block.iter_vars] != extents):
+    extents = [const(sch.get(lp).extent) for lp in loops]
+    if (len(loops) != len(block.iter_vars) or None in extents
+            or [const(iv.dom.extent) for iv in block.iter_vars] != extents):
         return False  # loops and block axes not one to one, in order
     axis = _transposed_axis(sch, info)
     if axis is None:
         return False
     order = [lp for i, lp in enumerate(loops) if i not in (axis, len(loops) - 1)]
     sch.reorder(*order, loops[axis], loops[-1])
-    n = extents[-1]
-    lanes = next((v for v in _VECTOR if n % v == 0), 8 if n > 8 else None)
-    if lanes is not None and n > lanes:
-        _, vec = sch.split(loops[-1], [None, lanes])
-    else:
-        vec = loops[-1]
-    sch.vectorize(vec)
-    if cores > 1 and math.prod(extents) >= min_parallel_work:
-        fused = sch.fuse(*order) if len(order) > 1 else (order[0] if order else None)
-        with contextlib.suppress(Exception):  # e.g. a loop that cannot be parallel
-            if fused is not None:
-                sch.parallel(fused)
     return True
