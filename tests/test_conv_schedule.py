@@ -4,6 +4,8 @@ and convs the pass leaves to the generic schedule."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import pytest
@@ -144,6 +146,24 @@ def test_panel_width_from_the_target_features():
             padded = padded_rows(rows, v, registers)
             assert 8 % v == 0 and r * v + v + 1 <= registers and padded % r == 0
             assert rows <= padded <= rows * 1.125  # at most an eighth recomputed
+
+
+@pytest.mark.parametrize("kernel, cin", [(7, 3), (3, 16), (1, 40)], ids=["7x7 stem", "3x3", "1x1"])
+def test_packed_schedule_applies_with_taps_and_channels_as_one_loop(kernel, cin):
+    """``conv_schedule.schedule`` returns a schedule (it falls back to the generic rule by
+    returning None, silently), and its reduction is two loops, r and the fused (s, c), of
+    ``KW * C`` steps."""
+
+    from edgekit.compiler import conv_schedule
+
+    target = _host().tvm_target()
+    mod = _lowered(_conv_onnx(cin, 32, (15, 15), kernel=kernel, pads=[kernel // 2] * 4), target)
+    func = next(f for name, f in _kernels(mod).items() if "edgekit_conv_packed" in name)
+    scheduled = conv_schedule.schedule(func, target, cores=1)
+    assert scheduled is not None
+    loops = [line for line in scheduled.script().splitlines() if line.strip().startswith("for ")]
+    extents = {int(v) for line in loops for v in re.findall(r"T\.int64\((\d+)\)", line)}
+    assert kernel * cin in extents and kernel in extents
 
 
 @pytest.mark.parametrize("case", ["grouped", "channels not a vector multiple"])
