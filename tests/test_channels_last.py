@@ -6,9 +6,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from _compiled import run_against_ort
 from onnx import TensorProto, helper, numpy_helper
-
-from edgekit import verify
 
 
 def _block_onnx(scale_shape: tuple[int, ...]) -> onnx.ModelProto:
@@ -39,30 +38,10 @@ def _block_onnx(scale_shape: tuple[int, ...]) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def _compile_and_run(model: onnx.ModelProto) -> tuple[float, list[str]]:
-    """(norm-wise relative error against onnxruntime, names of the lowered kernels)."""
-    import tvm
-    from tvm import relax
-
-    from edgekit.compiler import build, pipeline, to_relax
-    from edgekit.targets import load_target
-
-    target = load_target("host")
-    specs = verify.onnx_input_specs(model, [])
-    mod = pipeline.lower(to_relax(model, specs, tvm_target=target.tvm_target()),
-                         target.tvm_target())
-    names = [gv.name_hint for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
-    vm = relax.VirtualMachine(build(mod, target), tvm.cpu())
-    inputs = verify.seeded_inputs(specs, seed=5)
-    got = vm["main"](*(tvm.runtime.tensor(a) for a in inputs.values())).numpy()
-    ref = verify.run_ort(model, inputs)[0]
-    return float(np.abs(got - ref).max() / np.abs(ref).max()), names
-
-
 @pytest.mark.parametrize("shape", [(16, 1, 1), (1, 16, 1, 1), (12,), (1, 12), (1,)],
                          ids=["C11", "1C11", "W", "1W", "scalar"])
 def test_block_stays_nhwc_and_matches_onnxruntime(shape):
-    err, names = _compile_and_run(_block_onnx(shape))
+    err, names = run_against_ort(_block_onnx(shape), seed=5)
     assert err <= 1e-5
     # per-channel constants: only the graph's edges change layout; per-width constants
     # (a rank-1 or rank-2 W vector) follow the layout as well, permuted with the activations

@@ -9,9 +9,11 @@ import re
 import numpy as np
 import onnx
 import pytest
+from _compiled import host as _host
+from _compiled import kernels as _kernels
+from _compiled import lowered as _lowered
+from _compiled import run_against_ort as _run_against_ort
 from onnx import TensorProto, helper
-
-from edgekit import verify
 
 
 def _conv_onnx(cin: int, cout: int, hw: tuple[int, int], kernel: int = 3, residual=False,
@@ -31,44 +33,6 @@ def _conv_onnx(cin: int, cout: int, hw: tuple[int, int], kernel: int = 3, residu
         [helper.make_tensor("w", TensorProto.FLOAT, w.shape, w.ravel()),
          helper.make_tensor("b", TensorProto.FLOAT, b.shape, b)])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-
-
-def _host():
-    from edgekit.targets import load_target
-
-    return load_target("host")
-
-
-def _lowered(model: onnx.ModelProto, tvm_target):
-    from edgekit.compiler import pipeline, to_relax
-
-    specs = verify.onnx_input_specs(model, [])
-    return pipeline.lower(to_relax(model, specs, tvm_target=tvm_target), tvm_target)
-
-
-def _kernels(mod) -> dict[str, object]:
-    import tvm
-
-    return {gv.name_hint: f for gv, f in mod.functions.items()
-            if isinstance(f, tvm.tirx.PrimFunc)}
-
-
-def _run_against_ort(model: onnx.ModelProto) -> tuple[float, list[str]]:
-    """(norm-wise relative error of the compiled model against onnxruntime, kernel names)."""
-    import tvm
-    from tvm import relax
-
-    from edgekit.compiler import build
-
-    target = _host()
-    mod = _lowered(model, target.tvm_target())
-    names = list(_kernels(mod))
-    specs = verify.onnx_input_specs(model, [])
-    vm = relax.VirtualMachine(build(mod, target), tvm.cpu())
-    inputs = verify.seeded_inputs(specs, seed=3)
-    got = vm["main"](*(tvm.runtime.tensor(a) for a in inputs.values())).numpy()
-    ref = verify.run_ort(model, inputs)[0]
-    return float(np.abs(got - ref).max() / np.abs(ref).max()), names
 
 
 CASES = {
