@@ -59,7 +59,7 @@ def settings(min_cosine: float) -> dict[str, str]:
         "+reparam": "quantize-int8:smooth=0:reparam=true",
         "+smooth": "quantize-int8:smooth=0.5",
         "+mixed": f"quantize-int8:smooth=0.5:min_cosine={min_cosine}",
-        "+embeddings": "quantize-int8:smooth=0.5:embeddings=true",
+        "float-embeddings": "quantize-int8:smooth=0.5:embeddings=false",
     }
 
 

@@ -377,6 +377,7 @@ def compile(  # noqa: A001 - the verb users expect
         compiler.export_library(executable, tgt, tmp / artifact.LIBRARY)
         (tmp / artifact.ONNX_FILE).write_bytes(model.SerializeToString())
         app = _app_files(model, tmp)  # an hf: model's task and tokenizer
+        rtol = half.check_rtol(model, rtol)  # a 16-bit graph: its format's own tolerance
         check: dict[str, Any] = {"against": "onnxruntime", "atol": atol, "rtol": rtol}
         int8_kernels = tuning.pop("int8_kernels", [])
         shapes_info = tuning.pop("shapes", None)

@@ -95,6 +95,35 @@ def test_refused_where_it_would_be_emulated(half_models, tmp_path):
             assert not (tmp_path / fmt).exists()
 
 
+def test_check_tolerance_follows_the_format(half_models):
+    src, paths = half_models
+    assert half.check_rtol(onnx.load(src), 1e-4) == 1e-4
+    assert half.check_rtol(onnx.load(paths["fp16"]), 1e-4) == half.CHECK_RTOL["float16"]
+    assert half.check_rtol(onnx.load(paths["bf16"]), 1e-4) == half.CHECK_RTOL["bfloat16"]
+    assert half.check_rtol(onnx.load(paths["bf16"]), 0.1) == 0.1  # a looser ask stays
+
+
+@pytest.mark.parametrize("fmt", ["fp16", "bf16"])
+def test_host_artifact_where_the_cpu_runs_the_format(half_models, tmp_path, fmt):
+    """Only on a CPU with AVX512-FP16 (fp16) / AVX512-BF16 (bf16): the host artifact is
+    checked against onnxruntime's run of the same 16-bit graph (bfloat16 emulated, which
+    onnxruntime's CPU kernels lack) within the format's tolerance, and stays within the
+    convert pass's budget of the fp32 model."""
+    src, paths = half_models
+    name = "float16" if fmt == "fp16" else "bfloat16"
+    why = half.native_problem(name, load_target("host"))
+    if why:
+        pytest.skip(f"this machine's host target {why.split(', so')[0]}")
+    art = api.compile(paths[fmt], "host", tmp_path / fmt)
+    check = art.manifest["verification"]
+    assert check["rtol"] == half.CHECK_RTOL[name] and all(o["ok"] for o in check["outputs"])
+    x = np.random.default_rng(7).standard_normal((4, D)).astype(np.float32)
+    got = runtime.load(tmp_path / fmt).run(x=x)["logits"]
+    ref = verify.run_ort(onnx.load(src), {"x": x})[1]
+    assert got.dtype == np.float32
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) <= half.CHECK_RTOL[name]
+
+
 def _need(*tools: str) -> None:
     missing = [t for t in tools if shutil.which(t) is None]
     if missing:

@@ -22,6 +22,7 @@ from edgekit.compiler.pipeline import prepare
 from edgekit.compiler.progress import Progress, no_progress
 from edgekit.compiler.tune import TuningRequest
 from edgekit.errors import EdgekitError, last_line
+from edgekit.passes._half import ort_form
 from edgekit.targets import Target
 from edgekit.verify import Comparison, TensorSpec
 
@@ -154,7 +155,10 @@ def check_library(library: Path, model: onnx.ModelProto, specs: Sequence[TensorS
 
     names = [o.name for o in outputs]
     quantized = verify.quantizes(model)
-    session = qdq_check.reference_session(model) if quantized else verify.ort_session(model)
+    # bfloat16: onnxruntime's CPU kernels lack it, so the reference is its emulation (fp32
+    # arithmetic rounded to bfloat16 at every op output), as the convert-bf16 check runs it
+    session = (qdq_check.reference_session(model) if quantized
+               else verify.ort_session(ort_form(model)))
     comparisons: list[Comparison] = []
     points = verify.seeded_at(specs, dim_bounds or {})
     for point, inputs in points:

@@ -18,7 +18,9 @@ u = 2⁻⁸) where every node computes in ``fmt`` except the fp32 *islands*:
   error table that locates the op that breaks accuracy.
 
 ``convert`` then rewrites the graph: float32 initializers read by 16-bit nodes get ``fmt``
-copies (the fp32 ones go when nothing else reads them), ``Cast`` goes where a value crosses
+copies (the fp32 ones go when nothing else reads them; so do the weights of an island that
+is fp32 only because its schema lacks ``fmt``, read through a Cast to fp32: a bfloat16 model
+of Convs at opset < 22 still halves its weights), ``Cast`` goes where a value crosses
 between precisions (one per value and direction), ``Cast(to=FLOAT)`` / ``Constant`` /
 ``ConstantOfShape`` inside 16-bit regions produce ``fmt``, and every float32 graph input and
 output keeps its declared type (a Cast at the boundary: exact for fp32 → fmt → fp32 of values
@@ -335,8 +337,11 @@ class _Names:
         return name
 
 
-def convert(model: ir.Model, half: set[ir.Node], fmt: Format) -> None:
-    """Rewrite ``model`` so the nodes in ``half`` compute in ``fmt`` and the rest in fp32."""
+def convert(model: ir.Model, half: set[ir.Node], fmt: Format,
+            stored: frozenset[ir.Node] = frozenset()) -> None:
+    """Rewrite ``model`` so the nodes in ``half`` compute in ``fmt`` and the rest in fp32;
+    the fp32 nodes in ``stored`` read their float constants from ``fmt`` copies through a
+    Cast (the weights take ``fmt``'s bytes and rounding, the arithmetic stays fp32)."""
     graph = model.graph
     fresh = _Names(graph)
     floats = {x for n in graph for x in (*n.inputs, *n.outputs) if is_float(x)}
@@ -380,6 +385,9 @@ def convert(model: ir.Model, half: set[ir.Node], fmt: Format) -> None:
             wants_half = in_half and x in floats and input_allows(node, i, opset, fmt)
             if x in produced_half and not wants_half:
                 node.replace_input_with(i, cast_once(x, TensorProto.FLOAT, node))
+            elif node in stored and is_float(x) and _storable(const_array(x), fmt):
+                half_x = half_const(x, const_array(x))
+                node.replace_input_with(i, cast_once(half_x, TensorProto.FLOAT, node))
             elif wants_half and x not in produced_half:
                 arr = const_array(x)
                 node.replace_input_with(i, half_const(x, arr) if arr is not None
@@ -404,6 +412,11 @@ def convert(model: ir.Model, half: set[ir.Node], fmt: Format) -> None:
             y.name = fresh(f"{name}_{fmt.name}")
             back.name = name
             graph.outputs[i] = back
+
+
+def _storable(arr: np.ndarray | None, fmt: Format) -> bool:
+    """A constant worth storing in ``fmt`` (a weight, not a scalar) that fits its range."""
+    return arr is not None and arr.size > 1 and float(np.abs(arr).max()) <= fmt.max
 
 
 def ort_form(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -521,13 +534,17 @@ def run(model: ir.Model, ctx, fmt: Format, op_error: float, long_axis: int):
     half = {n for n in nodes if n not in islands}
     if not half:
         raise Refused(f"every float op stays fp32 ({len(islands)} islands): nothing to convert")
+    # an op that stays fp32 only because its schema lacks fmt (Conv before opset 22 for
+    # bfloat16) still takes its weights in fmt: the model's size is what the user asked for
+    stored = frozenset(n for n, why in islands.items() if why == _schema_allows(n, opset, fmt))
     weights_before = _live_weight_bytes(graph)
-    convert(model, half, fmt)
+    convert(model, half, fmt, stored)
     for node in nodes:
         if node in half:
             report.change(f"{fmt.name} {node.op_type}")
         else:
-            report.skip(node.name, f"fp32 island: {islands[node]}")
+            kept = f"; weights stored in {fmt.name}" if node in stored else ""
+            report.skip(node.name, f"fp32 island: {islands[node]}{kept}")
     cos = _outputs_cosine(before, ir.to_proto(model), samples)
     total = sum(e for e, _ in errors.values() if np.isfinite(e)) or 1.0
     rows = [{"node": n.name, "op": n.op_type, "precision": fmt.name if n in half else "fp32",

@@ -7,7 +7,9 @@ elements, ``edgekit.keep_fp32`` marks, ops whose ONNX schema at the model's opse
 bfloat16 form: Conv before opset 22) and by measurement: a node whose output, computed from
 its fp32 inputs rounded to bfloat16, is more than ``op_error`` off in relative L2 norm on a
 calibration sample stays fp32 (``_half``). Float32 graph inputs and outputs keep their types
-through a Cast at the boundary; float32 weights read by bfloat16 nodes become bfloat16.
+through a Cast at the boundary; float32 weights read by bfloat16 nodes become bfloat16, and
+so do those of a Conv kept fp32 by its schema (a Cast to fp32 feeds it: bfloat16 bytes and
+rounding, fp32 arithmetic).
 
 onnxruntime's CPU provider lacks bfloat16 kernels for MatMul, Add and most ops, so the check
 (core) and the per-op errors run ``_half.ort_form``: each bfloat16 value computed in fp32

@@ -146,6 +146,46 @@ def test_bf16_graph_and_the_emulation_the_check_runs():
     assert np.array_equal(got, got.astype(ml_dtypes.bfloat16).astype(np.float32))
 
 
+def _conv_model() -> onnx.ModelProto:
+    """x → Conv(w, b) → Relu → y at opset 18 (Conv has no bfloat16 form before opset 22)."""
+    rng = np.random.default_rng(3)
+    n = helper.make_node
+    graph = helper.make_graph(
+        [n("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+         n("Relu", ["c"], ["y"], name="relu")], "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])],
+        [_f32("w", rng.standard_normal((8, 3, 3, 3)) / 3), _f32("b", rng.standard_normal(8))])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+
+
+def test_bf16_conv_island_stores_its_weights_in_bf16():
+    """The Conv stays fp32 (schema) but reads bfloat16 copies of w and b through Casts: half
+    the weight bytes, the arithmetic fp32; the fp16 form computes the Conv in fp16 instead."""
+    x = np.random.default_rng(4).standard_normal((3, 1, 3, 8, 8)).astype(np.float32)
+    new, run = _run(BF16, _conv_model(), {"x": x})
+    assert run.status == "applied", run.message
+    islands = run.report.details["islands"]
+    assert islands["conv"] == "ONNX Conv-11 has no bfloat16 form"
+    assert dict(run.report.skipped)["conv"].endswith("; weights stored in bf16")
+    inits = {t.name: t.data_type for t in new.graph.initializer}
+    assert inits == {"w_bf16": TensorProto.BFLOAT16, "b_bf16": TensorProto.BFLOAT16}
+    conv = next(n for n in new.graph.node if n.op_type == "Conv")
+    producers = {o: n for n in new.graph.node for o in n.output}
+    for name in conv.input[1:]:
+        cast = producers[name]
+        assert cast.op_type == "Cast" and cast.attribute[0].i == TensorProto.FLOAT
+        assert cast.input[0] in inits
+    sizes = run.report.details["weight_bytes"]
+    assert sizes["after"] * 2 == sizes["before"]
+    ref = run_ort(_conv_model(), {"x": x[0]})[0]
+    got = run_ort(_half.ort_form(new), {"x": x[0]})[0]
+    assert 0 < np.linalg.norm(got - ref) / np.linalg.norm(ref) <= BF16.budget
+    new16, run16 = _run(FP16, _conv_model(), {"x": x})
+    assert "conv" not in run16.report.details["islands"]
+    assert {t.name for t in new16.graph.initializer} == {"w_fp16", "b_fp16"}
+
+
 def test_ort_form_rounds_like_ml_dtypes():
     graph = helper.make_graph(
         [helper.make_node("Cast", ["x"], ["h"], to=TensorProto.BFLOAT16),

@@ -116,14 +116,15 @@ def test_modes(mode):
     new, run = _quant(model, load_samples(model, calibration=_ids_calibration()), mode=mode)
     assert run.status == "applied", run.message
     assert run.report.changed["int8 MatMul"] == 5
+    assert run.report.changed["int8 Gather"] == 1  # the token table, weight-only in every mode
     counts = {op: op_count(new, op) for op in ("QuantizeLinear", "DynamicQuantizeLinear",
                                                 "DequantizeLinear")}
     assert counts == {"static": {"QuantizeLinear": 5, "DynamicQuantizeLinear": 0,
-                                 "DequantizeLinear": 10},
+                                 "DequantizeLinear": 11},
                       "dynamic": {"QuantizeLinear": 0, "DynamicQuantizeLinear": 5,
-                                  "DequantizeLinear": 10},
+                                  "DequantizeLinear": 11},
                       "weights": {"QuantizeLinear": 0, "DynamicQuantizeLinear": 0,
-                                  "DequantizeLinear": 5}}[mode]
+                                  "DequantizeLinear": 6}}[mode]
     assert run.report.details["cosine"]["min"] > 0.999
 
 
@@ -140,7 +141,7 @@ def test_tvm_importer_reads_the_quantized_graph(mode):
 
 
 def test_embeddings_store_the_token_table_int8_per_row():
-    """``embeddings=true``: the Gather table becomes int8 with one scale per row, read through
+    """By default the Gather table becomes int8 with one scale per row, read through
     DequantizeLinear(axis=0), weight-only; TVM gathers the int8 rows (``GatherDequantized``):
     its library holds no float copy of the table and matches onnxruntime on the QDQ graph."""
     import tvm
@@ -153,10 +154,10 @@ def test_embeddings_store_the_token_table_int8_per_row():
 
     model = residual_model()
     samples = load_samples(model, calibration=_ids_calibration())
-    plain, _ = _quant(model, samples)
+    plain, _ = _quant(model, samples, embeddings=False)
     assert not [n for n in plain.graph.node if n.op_type == "Gather"
-                and n.input[0].endswith("_dq")]  # off by default
-    new, run = _quant(model, samples, embeddings=True)
+                and n.input[0].endswith("_dq")]  # embeddings=false: the table stays float
+    new, run = _quant(model, samples)
     gather = next(n for n in new.graph.node if n.op_type == "Gather")
     dq = next(n for n in new.graph.node if gather.input[0] in n.output)
     assert dq.op_type == "DequantizeLinear" and dq.attribute[0].i == 0
@@ -183,6 +184,27 @@ def test_embeddings_store_the_token_table_int8_per_row():
         assert np.abs(got - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max())
 
 
+def test_a_shared_embedding_table():
+    """Tied to the head (Gemm transB=1 on the same initializer), which is quantized too: the
+    float table goes. Read by a node that keeps it float: the Gather is skipped, saying so,
+    since an int8 copy would sit beside the float table."""
+    tied = residual_model(head="gemm_t", tied=True)
+    new, run = _quant(tied, load_samples(tied, calibration=_ids_calibration()))
+    assert run.status == "applied", run.message
+    assert "wte" not in _inits(new) and run.report.changed["int8 Gather"] == 1
+    shared = residual_model()
+    shared.graph.node.append(helper.make_node("ReduceMean", ["wte"], ["table_mean"],
+                                              name="table_stat", keepdims=0))
+    shared.graph.output.append(helper.make_tensor_value_info("table_mean", TensorProto.FLOAT,
+                                                             []))
+    new, run = _quant(shared, load_samples(shared, calibration=_ids_calibration()))
+    assert run.status == "applied", run.message
+    gather = next(n for n in new.graph.node if n.op_type == "Gather")
+    assert gather.input[0] == "wte" and _inits(new)["wte"].dtype == np.float32
+    assert "also read by 'table_stat'" in dict(run.report.skipped)[gather.name]
+    assert "int8 Gather" not in run.report.changed
+
+
 def test_symmetric_int8_activations_and_per_tensor_weights():
     model = residual_model()
     new, run = _quant(model, load_samples(model, calibration=_ids_calibration()),
@@ -201,8 +223,10 @@ def test_reduce_range_keeps_weights_within_7_bits():
     model = residual_model()
     new, run = _quant(model, load_samples(model, calibration=_ids_calibration()),
                       reduce_range=True)
-    weights = [a for a in _inits(new).values() if a.dtype == np.int8 and a.ndim == 2]
-    assert len(weights) == 5 and all(np.abs(w).max() == 63 for w in weights)
+    weights = {k: a for k, a in _inits(new).items() if a.dtype == np.int8 and a.ndim == 2}
+    # the token table is gathered and dequantized, never in an int8 kernel: full range
+    assert np.abs(weights.pop("wte_int8")).max() == 127
+    assert len(weights) == 5 and all(np.abs(w).max() == 63 for w in weights.values())
 
 
 def _outlier_values() -> np.ndarray:
@@ -231,7 +255,9 @@ def test_each_method_runs_and_is_recorded(method):
     model = residual_model()
     new, run = _quant(model, load_samples(model, calibration=_ids_calibration()), method=method)
     assert run.status == "applied", run.message
-    assert {r["method"] for r in run.report.details["locator"]} == {method}
+    rows = run.report.details["locator"]
+    assert {r["method"] for r in rows if r["activation"] is not None} == {method}
+    assert {r["method"] for r in rows if r["activation"] is None} == {"none"}  # the table
 
 
 def _outlier_layer_model() -> onnx.ModelProto:
