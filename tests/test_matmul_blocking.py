@@ -60,7 +60,9 @@ def _relative_error(a_shape, k, n, run) -> float:
 
 
 @pytest.mark.parametrize("a_shape,k,n", [
-    ((13,), 389, 300),  # M, K, N odd: padded rows and columns, K prime (not split)
+    # M, K, N odd: padded rows and columns, K prime (not split); 61 rows: at least 4 row
+    # tiles (blocking's threshold) with 16-row tiles too (32 registers: AVX-512)
+    ((61,), 389, 300),
     ((64,), 256, 200),  # K in several blocks, N padded to whole register tiles
     ((3, 29), 160, 250),  # a batch axis in front (3-D activations, 2-D weights)
 ])

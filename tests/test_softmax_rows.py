@@ -66,9 +66,10 @@ def test_masked_keys_are_exactly_zero_and_nan_propagates():
 
 def test_static_rows_keep_topi_kernel():
     """A static row of whole vectors has its own schedule (``reductions.schedule_rows``)."""
-    text, run = _build(_softmax_model(24), {"q": (1, 8)})
+    # 32 keys: whole vectors at 4, 8 and 16 fp32 lanes (NEON, AVX2, AVX-512)
+    text, run = _build(_softmax_model(32), {"q": (1, 8)})
     assert PREFIX not in text
-    x = np.random.default_rng(2).standard_normal((2, 3, 5, 24)).astype(np.float32)
+    x = np.random.default_rng(2).standard_normal((2, 3, 5, 32)).astype(np.float32)
     assert np.abs(run(x) - _reference(x)).max() <= 1e-6
 
 
