@@ -95,6 +95,16 @@ def test_refused_where_it_would_be_emulated(half_models, tmp_path):
             assert not (tmp_path / fmt).exists()
 
 
+def test_bf16_on_a_cpu_says_it_computes_in_fp32(half_models):
+    src, paths = half_models
+    bf16, fp16 = onnx.load(paths["bf16"]), onnx.load(paths["fp16"])
+    assert "runs as fp32 on CPUs" in half.arithmetic_note(bf16, load_target("x86-64-v4"))
+    assert "runs as fp32 on CPUs" in half.arithmetic_note(bf16, load_target("rpi5"))
+    assert half.arithmetic_note(bf16, load_target("cuda-sm80")) == ""
+    assert half.arithmetic_note(fp16, load_target("rpi5")) == ""
+    assert half.arithmetic_note(onnx.load(src), load_target("host")) == ""
+
+
 def test_check_tolerance_follows_the_format(half_models):
     src, paths = half_models
     assert half.check_rtol(onnx.load(src), 1e-4) == 1e-4
@@ -117,6 +127,7 @@ def test_host_artifact_where_the_cpu_runs_the_format(half_models, tmp_path, fmt)
     art = api.compile(paths[fmt], "host", tmp_path / fmt)
     check = art.manifest["verification"]
     assert check["rtol"] == half.CHECK_RTOL[name] and all(o["ok"] for o in check["outputs"])
+    assert ("half_arithmetic" in check) is (fmt == "bf16")  # bf16 runs as fp32 on CPUs
     x = np.random.default_rng(7).standard_normal((4, D)).astype(np.float32)
     got = runtime.load(tmp_path / fmt).run(x=x)["logits"]
     ref = verify.run_ort(onnx.load(src), {"x": x})[1]

@@ -191,6 +191,8 @@ def compile_cmd(model: str, target: str, output: Path, passes: str,
         click.echo(f"  {c['name']}: max abs error vs onnxruntime {c['max_abs']:.3g}")
     if "skipped" in check:
         click.echo(f"  not verified: {check['skipped']}")
+    if "half_arithmetic" in check:
+        click.echo(f"  note: {check['half_arithmetic']}")
     for run in result.manifest["passes"]:
         click.echo(f"  pass {run['pass']}: {run['status']}")
     tuning = result.manifest.get("tuning") or {}

@@ -55,6 +55,17 @@ def check_rtol(model: onnx.ModelProto, rtol: float) -> float:
     return max([rtol, *(CHECK_RTOL[f] for f in formats(model))])
 
 
+def arithmetic_note(model: onnx.ModelProto, tgt: Target) -> str:
+    """What the compiled code of a 16-bit graph really computes in, where that is not the
+    format itself ('' elsewhere): TVM 0.27 widens bfloat16 arithmetic to fp32 on every CPU
+    (``BF16ComputeLegalize``), so a CPU bfloat16 artifact saves memory, not time."""
+    if "bfloat16" not in formats(model) or tgt.device == "cuda":
+        return ""
+    return ("bfloat16 arithmetic runs as fp32 on CPUs (TVM 0.27 widens it): the weights are "
+            "halved, but the artifact is not faster than fp32 (measured 0.53-0.62x its speed on "
+            "an AVX512-BF16 Zen 4, docs/half-precision.md)")
+
+
 def _cpu_problem(fmt: str, tgt: Target) -> str:
     from edgekit.compiler.int8_intrin import cpu_features
 
