@@ -385,9 +385,8 @@ def convert(model: ir.Model, half: set[ir.Node], fmt: Format,
             wants_half = in_half and x in floats and input_allows(node, i, opset, fmt)
             if x in produced_half and not wants_half:
                 node.replace_input_with(i, cast_once(x, TensorProto.FLOAT, node))
-            elif node in stored and is_float(x) and _storable(const_array(x), fmt):
-                half_x = half_const(x, const_array(x))
-                node.replace_input_with(i, cast_once(half_x, TensorProto.FLOAT, node))
+            elif node in stored and is_float(x) and _storable(arr := const_array(x), fmt):
+                node.replace_input_with(i, cast_once(half_const(x, arr), TensorProto.FLOAT, node))
             elif wants_half and x not in produced_half:
                 arr = const_array(x)
                 node.replace_input_with(i, half_const(x, arr) if arr is not None
